@@ -1,0 +1,167 @@
+"""One frozen dataclass per step, validated on construction with messages that say the fix.
+
+Validation happens here, before any expensive work (decoding images, opening a study).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from pipeline.errors import PipelineError
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9")
+WEIGHTS = ("none", "imagenet")
+OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "onecycle", "plateau", "constant")
+AUGMENTS = ("none", "basic", "strong")
+MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
+SPLITS = ("train", "val", "test")
+ON_BAD_IMAGE = ("skip", "fail")
+NUM_STAGES = 5  # stem, layer1, layer2, layer3, layer4
+
+
+def opt(default, help: str):
+    """A config field whose help text is shown by the step's --help (one source of truth)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PipelineError(f"{name}={value!r} is not supported; use one of: {', '.join(allowed)}")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise PipelineError(f"{name}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
+
+
+def _positive(name: str, value: float, kind: str = "number") -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise PipelineError(f"{name}={value} must be a positive {kind}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise PipelineError(f"{name}={value} must be >= 0")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: str = opt("cifar10", "cifar10 | digits | path to an image folder or .tar/.tar.gz/.zip of one")
+    data_dir: str = opt("data", "where downloads (CIFAR-10) are cached")
+    image_size: int = opt(32, "pixels; every image is resized to image_size x image_size")
+    val_fraction: float = opt(0.1, "share of the training images held out for validation")
+    test_fraction: float = opt(0.1, "share held out for test, only when the source has no test split")
+    classes: str = opt("", "comma-separated subset of class names; empty = all")
+    samples_per_class: int = opt(0, "cap on training images per class (0 = all); val/test are not capped")
+    on_bad_image: str = opt("skip", "skip (and count) or fail on files that are not decodable images")
+    seed: int = opt(0, "random seed for the stratified split and the per-class cap")
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise PipelineError("source is empty; use cifar10, digits, or a path to an image folder/archive")
+        _positive("image_size", self.image_size, "integer (pixels)")
+        if self.image_size < 8:
+            raise PipelineError(f"image_size={self.image_size} is too small; use 8 or more pixels")
+        _fraction("val_fraction", self.val_fraction)
+        _fraction("test_fraction", self.test_fraction)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise PipelineError("val_fraction + test_fraction must be below 1 so that training images remain")
+        if self.samples_per_class < 0:
+            raise PipelineError(f"samples_per_class={self.samples_per_class} must be >= 0 (0 = all)")
+        _choice("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
+
+    @property
+    def class_subset(self) -> list[str]:
+        return [c.strip() for c in self.classes.split(",") if c.strip()]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters shared by pretrain and finetune (finetune adds the two last fields)."""
+
+    data: str = opt("", "prepare_data run id or dataset artifact URI")
+    arch: str = opt("resnet18", "resnet18 | resnet34 | resnet50 | resnet9; finetune: auto = as pretrained")
+    weights: str = opt("none", "none | imagenet (torchvision's ImageNet weights, from the torch hub cache)")
+    epochs: int = opt(10, "passes over the training split")
+    batch_size: int = opt(128, "images per optimizer step")
+    lr: float = opt(0.05, "peak learning rate")
+    weight_decay: float = opt(5e-4, "L2 penalty (SGD) / decoupled decay (AdamW)")
+    optimizer: str = opt("sgd", "sgd (Nesterov momentum 0.9) | adamw")
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing, in [0, 1)")
+    schedule: str = opt("cosine", "cosine | onecycle | plateau (on the monitored metric) | constant")
+    warmup_epochs: float = opt(0.0, "linear warm-up length for cosine, in epochs")
+    patience: int = opt(0, "early stopping: epochs without improvement of `monitor` (0 = off)")
+    monitor: str = opt("val_f1_macro", "validation metric that picks the best epoch")
+    dropout: float = opt(0.0, "dropout before the classification head")
+    augment: str = opt("basic", "none | basic (pad-4 crop + flip) | strong (+ rotation and scale)")
+    ema: float = opt(0.0, "weight EMA decay per step (0 = off), e.g. 0.999")
+    tta: bool = opt(False, "flip test-time augmentation at validation/evaluation")
+    precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
+    device: str = opt("auto", "auto | cpu | cuda")
+    compile: bool = opt(False, "torch.compile the model (pays off on GPUs for long runs)")
+    seed: int = opt(0, "seeds weights init, shuffling and augmentation")
+    pretrained: str = opt("", "finetune only: run id, runs:/ or models:/ URI")
+    frozen_layers: int = opt(0, "finetune only: freeze the first k of stem, layer1..layer4 (0-5; 5 = head only)")
+
+    def __post_init__(self) -> None:
+        if self.arch == "auto":
+            if not self.pretrained:
+                raise PipelineError("arch=auto takes the architecture of `pretrained`; set pretrained or name an arch")
+        else:
+            _choice("arch", self.arch, ARCHS)
+        _choice("weights", self.weights, WEIGHTS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("device", self.device, DEVICES)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("augment", self.augment, AUGMENTS)
+        _choice("monitor", self.monitor, MONITORS)
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise PipelineError(f"epochs={self.epochs} must be an integer >= 1")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise PipelineError(f"batch_size={self.batch_size} must be an integer >= 1")
+        _positive("lr", self.lr)
+        _non_negative("weight_decay", self.weight_decay)
+        _fraction("label_smoothing", self.label_smoothing)
+        _fraction("dropout", self.dropout)
+        _fraction("ema", self.ema)
+        _non_negative("warmup_epochs", self.warmup_epochs)
+        if self.patience < 0:
+            raise PipelineError(f"patience={self.patience} must be >= 0 (0 = no early stopping)")
+        if not 0 <= self.frozen_layers <= NUM_STAGES:
+            raise PipelineError(
+                f"frozen_layers={self.frozen_layers} is out of range; use 0 (train all) to 5 (head only)"
+            )
+        if self.arch == "resnet9" and self.weights == "imagenet":
+            raise PipelineError("arch=resnet9 has no ImageNet weights; use weights=none or a resnet arch")
+
+    def to_params(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str = opt("", "run id, runs:/ or models:/ URI of a trained model")
+    data: str = opt("", "prepare_data run id, dataset URI, or an image folder/archive path")
+    split: str = opt("test", "train | val | test (an image folder: its test/ folder, else all images)")
+    batch_size: int = opt(512, "images per inference batch")
+    tta: bool = opt(False, "average predictions over the image and its horizontal flip")
+    precision: str = opt("auto", "auto | bf16 | fp32")
+    device: str = opt("auto", "auto | cpu | cuda")
+    on_bad_image: str = opt("skip", "image folders: skip (and count) or fail on unreadable files")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise PipelineError("model is empty; pass a pretrain/finetune run id or a runs:/ or models:/ URI")
+        if not self.data:
+            raise PipelineError("data is empty; pass a prepare_data run id, a dataset URI or an image folder")
+        _choice("split", self.split, SPLITS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("device", self.device, DEVICES)
+        _choice("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
+        if self.batch_size < 1:
+            raise PipelineError(f"batch_size={self.batch_size} must be an integer >= 1")

@@ -1,0 +1,60 @@
+"""Score a model on images: predictions, metrics, per-class table, confusion matrix figure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.metrics import confusion, per_class_table, report_text, summary_metrics
+from pipeline.train import predict_logits
+
+MAX_PER_CLASS_METRICS = 20  # beyond this many classes, per-class numbers go to the CSV table only
+
+
+@dataclass
+class EvaluationReport:
+    metrics: dict[str, float]
+    per_class: pd.DataFrame
+    report: str
+    confusion: np.ndarray
+    probabilities: np.ndarray
+
+
+def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, amp_dtype, tta=False, batch_size=512) -> EvaluationReport:
+    device = next(net.parameters()).device
+    logits = predict_logits(net, torch.from_numpy(images).to(device), amp_dtype, tta, batch_size)
+    probs = torch.softmax(logits, 1).cpu().numpy()
+    pred = probs.argmax(1)
+    metrics = summary_metrics(labels, pred, len(class_names), prefix)
+    table = per_class_table(labels, pred, class_names)
+    if len(class_names) <= MAX_PER_CLASS_METRICS:
+        for row in table.itertuples():
+            for m in ("precision", "recall", "f1"):
+                metrics[f"{prefix}_{m}_{row[1]}"] = float(getattr(row, m))
+    return EvaluationReport(metrics, table, report_text(labels, pred, class_names), confusion(labels, pred, len(class_names)), probs)
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers or CI
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    size = max(4.0, 0.5 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if cm[i, j] > threshold else "black")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,263 @@
+"""The one place that talks to MLflow: runs, params, metrics, artifacts, and resolving references.
+
+Tracking location and experiment follow MLflow's own rules: MLFLOW_TRACKING_URI (default
+sqlite:///mlflow.db in the working directory) and MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import yaml
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from pipeline.data.store import load_dataset
+from pipeline.errors import PipelineError
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+DATASET_ARTIFACT = "dataset"
+MODEL_NAME = "model"
+META_FILE = "model_meta.json"
+WEIGHTS_FILE = "state_dict.pt"
+TAG_STEP = "pipeline.step"
+TAG_CODE = "pipeline.code_version"
+TAG_CACHE_KEY = "pipeline.cache_key"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version() -> str:
+    """sha256 over the project's Python sources: changes with any edit, committed or not."""
+    h = hashlib.sha256()
+    for folder in ("pipeline", "steps"):
+        for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
+            h.update(str(path.relative_to(PROJECT_ROOT)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _tracking_hint() -> str:
+    return f"tracking store {mlflow.get_tracking_uri()}"
+
+
+def get_run(run_id: str):
+    try:
+        return mlflow.get_run(run_id)
+    except MlflowException as exc:
+        raise PipelineError(
+            f"no MLflow run {run_id!r} in {_tracking_hint()}; check the id in `mlflow ui` or set "
+            "MLFLOW_TRACKING_URI to the store that holds it"
+        ) from exc
+
+
+def _download(uri: str, what: str) -> str:
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except (MlflowException, OSError) as exc:
+        raise PipelineError(f"{what} {uri!r} was not found in {_tracking_hint()} ({exc.__class__.__name__}); check the run id or URI") from exc
+
+
+# --- datasets -----------------------------------------------------------------------------
+
+def dataset_uri(ref: str) -> str:
+    """A prepare_data run id, a runs:/ URI, another artifact URI, or a local dataset folder -> URI."""
+    if RUN_ID.match(ref):
+        get_run(ref)
+        return f"runs:/{ref}/{DATASET_ARTIFACT}"
+    return ref
+
+
+def fetch_dataset_dir(ref: str) -> str:
+    if os.path.isdir(ref):
+        return ref
+    return _download(dataset_uri(ref), "dataset")
+
+
+def load_dataset_ref(ref: str, splits=("train", "val", "test")):
+    """Download (or open) and verify a dataset artifact; returns (DatasetSplits, manifest, uri)."""
+    path = fetch_dataset_dir(ref)
+    ds, manifest = load_dataset(path, splits)
+    return ds, manifest, dataset_uri(ref)
+
+
+class RunArtifactSource(DatasetSource):
+    """Where a prepared dataset lives: a run artifact URI such as runs:/<run id>/dataset."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "run_artifact"
+
+    def load(self, **kwargs) -> str:
+        return mlflow.artifacts.download_artifacts(artifact_uri=self.uri)
+
+    @staticmethod
+    def _can_resolve(raw_source) -> bool:
+        return False  # built explicitly, never guessed from a string
+
+    @classmethod
+    def _resolve(cls, raw_source) -> "RunArtifactSource":
+        return cls(str(raw_source))
+
+    def to_dict(self) -> dict:
+        return {"uri": self.uri}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict) -> "RunArtifactSource":
+        return cls(source_dict["uri"])
+
+
+def _meta_dataset(manifest: dict, uri: str) -> MetaDataset:
+    name = os.path.basename(str(manifest.get("source", "dataset")).rstrip("/")) or "dataset"
+    return MetaDataset(source=RunArtifactSource(uri), name=name, digest=manifest["digest"])
+
+
+def log_dataset(dataset_dir: str, manifest: dict) -> str:
+    """Log the dataset folder as this run's `dataset` artifact and as an MLflow run input."""
+    run_id = mlflow.active_run().info.run_id
+    mlflow.log_artifacts(dataset_dir, DATASET_ARTIFACT)
+    uri = f"runs:/{run_id}/{DATASET_ARTIFACT}"
+    mlflow.log_input(_meta_dataset(manifest, uri), context="prepared")
+    return uri
+
+
+def log_dataset_input(manifest: dict, uri: str, context: str) -> None:
+    mlflow.log_input(_meta_dataset(manifest, uri), context=context)
+
+
+# --- models -------------------------------------------------------------------------------
+
+def model_uri(ref: str) -> str:
+    if RUN_ID.match(ref):
+        get_run(ref)
+        return f"runs:/{ref}/{MODEL_NAME}"
+    if ref.startswith(("runs:/", "models:/")) or os.path.isdir(ref):
+        return ref
+    raise PipelineError(f"model reference {ref!r} is neither a run id nor a runs:/ or models:/ URI nor a model folder")
+
+
+def load_model_ref(ref: str) -> tuple[dict, dict]:
+    """Fetch a logged model's weights and metadata: (state_dict, meta). meta has arch,
+    num_classes, class_names, image_size, dropout and source_run_id."""
+    uri = model_uri(ref)
+    path = Path(_download(uri, "model"))
+    meta_path = path / "extra_files" / META_FILE
+    if not meta_path.is_file():
+        kind = "a dataset" if (path / "manifest.json").is_file() else "not a model logged by this pipeline"
+        raise PipelineError(f"{ref!r} is {kind}; pass a pretrain/finetune run id or its model URI")
+    meta = json.loads(meta_path.read_text())
+    mlmodel = yaml.safe_load((path / "MLmodel").read_text())
+    meta["source_run_id"] = mlmodel.get("run_id", "")
+    meta["model_uri"] = uri
+    state = torch.load(path / "extra_files" / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    return state, meta
+
+
+def log_model(classifier: torch.nn.Module, meta: dict, sample: np.ndarray) -> str:
+    """Log the exported classifier as an MLflow PyTorch model (uint8 NHWC in, logits out) with its
+    plain state dict and metadata as extra files, so later steps load it without unpickling."""
+    classifier = classifier.cpu().eval()
+    with torch.no_grad():
+        out = classifier(torch.from_numpy(sample)).float().numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, WEIGHTS_FILE)
+        torch.save(classifier.net.state_dict(), weights)
+        meta_path = os.path.join(tmp, META_FILE)
+        Path(meta_path).write_text(json.dumps(meta, indent=2))
+        info = mlflow.pytorch.log_model(
+            classifier,
+            name=MODEL_NAME,
+            signature=infer_signature(sample, out),
+            input_example=sample,
+            code_paths=[str(PROJECT_ROOT / "pipeline")],
+            extra_files=[weights, meta_path],
+            pip_requirements=_pinned_requirements(),
+        )
+    return info.model_uri
+
+
+def _pinned_requirements() -> list[str]:
+    lines = (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def log_evaluation(report, class_names: list[str], split: str) -> None:
+    """Metrics, the per-class CSV table, the text report and the confusion matrix (PNG + CSV)."""
+    from pipeline.evaluation import plot_confusion
+
+    log_metrics(report.metrics)
+    mlflow.log_text(report.per_class.to_csv(index=False), f"evaluation/{split}_per_class.csv")
+    mlflow.log_text(report.report, f"evaluation/{split}_classification_report.txt")
+    cm = report.confusion
+    header = "true/predicted," + ",".join(class_names)
+    rows = [f"{name}," + ",".join(str(int(v)) for v in cm[i]) for i, name in enumerate(class_names)]
+    mlflow.log_text("\n".join([header, *rows]) + "\n", f"evaluation/{split}_confusion_matrix.csv")
+    fig = plot_confusion(cm, class_names)
+    mlflow.log_figure(fig, f"evaluation/{split}_confusion_matrix.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+def log_params(params: dict) -> None:
+    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+
+
+def log_config(params: dict, name: str = "config.yaml") -> None:
+    mlflow.log_dict(params, name)
+
+
+def log_metrics(metrics: dict, step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+@contextlib.contextmanager
+def step_run(step: str, run_name: str | None = None, tags: dict | None = None, nested: bool = False):
+    """Start (or, under `mlflow run`, attach to) the step's run; end it FAILED on error, KILLED on Ctrl-C."""
+    # The name is set as a tag: under `mlflow run` this attaches to the launcher's run (MLFLOW_RUN_ID).
+    run = mlflow.start_run(nested=nested, tags={TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})})
+    if run_name:
+        mlflow.set_tag("mlflow.runName", run_name)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def cache_key(step: str, params: dict, upstream: dict) -> str:
+    blob = json.dumps({"step": step, "params": params, "upstream": upstream, "code": code_version()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def find_finished_run(key: str, experiment_id: str) -> str | None:
+    """The newest FINISHED run tagged with this cache key, if any."""
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`{TAG_CACHE_KEY}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+

@@ -1,0 +1,142 @@
+"""Each step as one tracked MLflow run: config in, artifacts and metrics out, run id returned.
+
+The steps/ commands call these; `main` calls them nested under one parent run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import mlflow
+import numpy as np
+import torch
+
+from pipeline import tracking
+from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.sources import read_image_tree
+from pipeline.data.store import save_dataset
+from pipeline.errors import PipelineError
+from pipeline.evaluation import evaluate_images
+from pipeline.models import ImageClassifier, count_trainable, create_model, freeze, replace_head
+from pipeline.train import fit, resolve_amp_dtype, resolve_device, seed_everything
+
+MAX_LISTED_SKIPS = 100
+
+
+def run_prepare(cfg: PrepareConfig, nested: bool = False, tags: dict | None = None) -> str:
+    """prepare_data: decode the source once, carve splits, log the `dataset` artifact."""
+    name = f"prepare_data {os.path.basename(cfg.source.rstrip('/')) or cfg.source}"
+    with tracking.step_run("prepare_data", name, tags, nested) as run:
+        tracking.log_params(dataclasses.asdict(cfg))
+        ds, skipped = prepare_dataset(cfg)
+        info = {"source": cfg.source, "seed": cfg.seed, "skipped_files": skipped[:MAX_LISTED_SKIPS], "num_skipped": len(skipped)}
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = save_dataset(ds, tmp, info)
+            tracking.log_dataset(tmp, manifest)
+        counts = {f"{split}_images": len(s) for split, s in ds.splits.items()}
+        tracking.log_metrics({**counts, "num_classes": ds.num_classes, "skipped_files": len(skipped)})
+        mlflow.set_tag("pipeline.dataset_digest", manifest["digest"])
+        if skipped:
+            print(f"prepare_data: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
+        return run.info.run_id
+
+
+def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch.nn.Module, TrainConfig, dict]:
+    state, meta = tracking.load_model_ref(cfg.pretrained)
+    if cfg.arch not in ("auto", meta["arch"]):
+        raise PipelineError(
+            f"pretrained model {cfg.pretrained!r} is a {meta['arch']}, not arch={cfg.arch}; "
+            f"set arch={meta['arch']} (or auto)"
+        )
+    net = create_model(meta["arch"], meta["num_classes"], cfg.dropout)
+    net.load_state_dict(state)
+    if list(meta["class_names"]) != list(class_names):
+        replace_head(net, len(class_names))  # a new class set needs a fresh head
+    freeze(net, cfg.frozen_layers)
+    return net, dataclasses.replace(cfg, arch=meta["arch"]), meta
+
+
+def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | None = None, on_epoch=None) -> str:
+    """pretrain (all layers from scratch or ImageNet) or finetune (from `pretrained`, first k stages frozen)."""
+    if step == "finetune" and not cfg.pretrained:
+        raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI")
+    if step == "pretrain" and (cfg.pretrained or cfg.frozen_layers):
+        raise PipelineError("pretrain trains every layer from scratch; use the finetune step for pretrained/frozen_layers")
+    resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
+    if not cfg.data:
+        raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
+    name = f"{step} {cfg.arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + f" lr={cfg.lr:g}"
+    with tracking.step_run(step, name, tags, nested) as run:
+        ds, manifest, data_uri = tracking.load_dataset_ref(cfg.data, ("train", "val"))
+        upstream = {"pipeline.upstream.data": data_uri}
+        seed_everything(cfg.seed)
+        if step == "finetune":
+            net, cfg, meta = _build_finetune_net(cfg, ds.class_names)
+            upstream["pipeline.upstream.pretrained"] = meta["model_uri"]
+            upstream["pipeline.upstream.pretrained_run"] = meta["source_run_id"]
+        else:
+            net = create_model(cfg.arch, ds.num_classes, cfg.dropout, cfg.weights)
+        mlflow.set_tags(upstream)
+        tracking.log_params(cfg.to_params())
+        tracking.log_params({"num_classes": ds.num_classes, "trainable_params": count_trainable(net), "train_images": len(ds.splits["train"])})
+        tracking.log_config(cfg.to_params())
+        tracking.log_dataset_input(manifest, data_uri, context="training")
+
+        def log_epoch(epoch: int, metrics: dict) -> None:
+            tracking.log_metrics(metrics, step=epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result = fit(net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes, log_epoch, os.path.join(tmp, "last.pt"))
+        tracking.log_metrics({"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in result.best_metrics.items() if k.startswith("val_")}})
+        meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names, "image_size": ds.image_size, "dropout": cfg.dropout}
+        sample = ds.splits["val"].images[:2]
+        tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample)
+        return run.info.run_id
+
+
+def _evaluation_images(cfg: EvaluateConfig, meta: dict):
+    """(images, labels, data_uri, manifest or None) from a dataset reference or an image folder/archive."""
+    is_user_images = os.path.exists(cfg.data) and not os.path.isfile(os.path.join(cfg.data, "manifest.json"))
+    if is_user_images:
+        src = read_image_tree(cfg.data, meta["image_size"], cfg.on_bad_image)
+        unknown = [c for c in src.class_names if c not in meta["class_names"]]
+        if unknown:
+            raise PipelineError(
+                f"{cfg.data!r} has class folders the model does not know: {', '.join(unknown)}; "
+                f"the model's classes are {', '.join(meta['class_names'])}"
+            )
+        split = src.splits.get(cfg.split) or src.splits["train"]  # a plain folder is all one split
+        remap = np.array([meta["class_names"].index(c) for c in src.class_names], np.int64)
+        return split.images, remap[split.labels], os.path.abspath(cfg.data), None
+    ds, manifest, uri = tracking.load_dataset_ref(cfg.data, (cfg.split,))
+    if ds.class_names != meta["class_names"]:
+        raise PipelineError(
+            f"dataset classes ({', '.join(ds.class_names)}) differ from the model's "
+            f"({', '.join(meta['class_names'])}); evaluate on data with the model's classes"
+        )
+    s = ds.splits[cfg.split]
+    return s.images, s.labels, uri, manifest
+
+
+def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = None) -> str:
+    """evaluate: score a model on a split (or the user's images); log metrics, tables and plots."""
+    device = resolve_device(cfg.device)
+    with tracking.step_run("evaluate", f"evaluate {cfg.split}", tags, nested) as run:
+        tracking.log_params(dataclasses.asdict(cfg))
+        state, meta = tracking.load_model_ref(cfg.model)
+        images, labels, data_uri, manifest = _evaluation_images(cfg, meta)
+        mlflow.set_tags({"pipeline.upstream.model": meta["model_uri"], "pipeline.upstream.model_run": meta["source_run_id"], "pipeline.upstream.data": data_uri})
+        if manifest is not None:
+            tracking.log_dataset_input(manifest, data_uri, context="evaluation")
+        net = create_model(meta["arch"], meta["num_classes"], meta.get("dropout", 0.0))
+        net.load_state_dict(state)
+        net.to(device, memory_format=torch.channels_last)
+        amp = resolve_amp_dtype(cfg.precision, device)
+        report = evaluate_images(net, images, labels, meta["class_names"], cfg.split, amp, cfg.tta, cfg.batch_size)
+        tracking.log_evaluation(report, meta["class_names"], cfg.split)
+        return run.info.run_id

@@ -1,0 +1,1 @@
+"""One click command per MLflow entry point: parse -> config -> one pipeline call."""

@@ -1,0 +1,65 @@
+"""Shared command plumbing: options generated from the config dataclasses, and error handling.
+
+A PipelineError is printed as one line on stderr and exits with status 2; set
+PIPELINE_DEBUG=1 (or pass --debug) to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+
+import click
+
+from pipeline.errors import PipelineError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def config_options(config_cls, exclude: tuple[str, ...] = (), defaults: dict | None = None):
+    """click options for every field of a config dataclass, help and defaults taken from it."""
+    defaults = defaults or {}
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(config_cls)):
+            if f.name in exclude:
+                continue
+            default = defaults.get(f.name, f.default)
+            flag = "--" + f.name.replace("_", "-")
+            kind = type(f.default)
+            if kind is bool:
+                # MLflow passes every parameter as `--name value`, so booleans take a value too.
+                option = click.option(flag, f.name, type=click.BOOL, default=default, show_default=True, help=f.metadata.get("help"))
+            else:
+                option = click.option(flag, f.name, type=kind, default=default, show_default=True, help=f.metadata.get("help"))
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def handle_errors(fn):
+    """Turn PipelineError into one line + exit 2, Ctrl-C/SIGTERM into exit 130."""
+
+    @click.option("--debug", is_flag=True, default=False, help="show full tracebacks (also PIPELINE_DEBUG=1)")
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        debug = debug or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
+        # Per-file download bars drown the epoch progress; our own bars say what is happening.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted: the run was ended KILLED", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
