@@ -185,6 +185,7 @@ def log_model(classifier: torch.nn.Module, meta: dict, sample: np.ndarray) -> st
             code_paths=[str(PROJECT_ROOT / "pipeline")],
             extra_files=[weights, meta_path],
             pip_requirements=_pinned_requirements(),
+            serialization_format="pickle",  # pt2 export would pin the example batch shape
         )
     return info.model_uri
 
