@@ -1,0 +1,80 @@
+"""Shared fixtures: every test session tracks into its own temporary MLflow store.
+
+The session fixture `trained` runs the four steps once, in-process, on scikit-learn's digits at
+8x8 pixels (fast on 2 CPU cores); many tests read what those runs logged.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_ARCHIVE = PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-train.tar.gz"
+
+_session_dir = tempfile.mkdtemp(prefix="pipeline-tests-")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_session_dir}/mlflow.db"
+os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+os.environ.pop("MLFLOW_RUN_ID", None)
+os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+@pytest.fixture
+def experiment(request) -> str:
+    """A fresh experiment per test, so run searches see only that test's runs."""
+    name = f"{request.node.name}-{os.urandom(4).hex()}"
+    exp_id = mlflow.create_experiment(name)
+    mlflow.set_experiment(experiment_id=exp_id)
+    yield exp_id
+    while mlflow.active_run():
+        mlflow.end_run("FAILED")
+
+
+def write_image(path: Path, color, size=(12, 12)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros((*size[::-1], 3), np.uint8)
+    arr[...] = color
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Three colour classes, 6 images each, of varying sizes, in ImageFolder layout."""
+    root = tmp_path / "shapes"
+    colors = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+    for cls, color in colors.items():
+        for i in range(6):
+            write_image(root / cls / f"{i}.png", color, size=(12 + i, 10 + i))
+    return root
+
+
+@dataclass
+class TrainedRuns:
+    experiment_id: str
+    prepare: str
+    pretrain: str
+    finetune: str
+    evaluate: str
+
+
+@pytest.fixture(scope="session")
+def trained() -> TrainedRuns:
+    from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig
+    from pipeline.workflow import run_evaluate, run_prepare, run_train
+
+    exp_id = mlflow.create_experiment("trained-fixture")
+    mlflow.set_experiment(experiment_id=exp_id)
+    prep = run_prepare(PrepareConfig(source="digits", image_size=8, seed=0))
+    tiny = dict(data=prep, batch_size=64, augment="none", precision="fp32", device="cpu")
+    pre = run_train(TrainConfig(epochs=2, lr=0.05, **tiny), "pretrain")
+    fin = run_train(TrainConfig(epochs=1, lr=0.01, pretrained=pre, frozen_layers=3, arch="auto", **tiny), "finetune")
+    ev = run_evaluate(EvaluateConfig(model=fin, data=prep, device="cpu", precision="fp32"))
+    return TrainedRuns(exp_id, prep, pre, fin, ev)

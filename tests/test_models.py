@@ -1,0 +1,80 @@
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from pipeline.errors import PipelineError
+from pipeline.models import count_trainable, create_model, freeze, replace_head, set_train_mode, stages
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet9"])
+def test_small_image_models_keep_resolution_and_output_classes(arch):
+    net = create_model(arch, 7).eval()
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    if arch != "resnet9":
+        assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+        assert isinstance(net.maxpool, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("depth", [0, 3, 5])
+def test_freeze_first_k_stages_and_keep_their_batchnorm_still(depth):
+    torch.manual_seed(0)
+    net = create_model("resnet18", 3)
+    freeze(net, depth)
+    for i, stage in enumerate(stages(net)):
+        for m in stage:
+            assert all(p.requires_grad == (i >= depth) for p in m.parameters())
+    assert all(p.requires_grad for p in net.fc.parameters())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    set_train_mode(net, depth)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(8, 3, 16, 16) * 3 + 1
+    loss = torch.nn.functional.cross_entropy(net(x), torch.arange(8) % 3)
+    loss.backward()
+    opt.step()
+    after = net.state_dict()
+    stage_prefixes = [("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)]
+    frozen_prefixes = {p for stage in stage_prefixes[:depth] for p in stage}
+    frozen_keys = [k for k in before if k.split(".")[0] in frozen_prefixes]
+    assert len(frozen_keys) > 0 or depth == 0
+    for k in frozen_keys:  # weights *and* BN running statistics unchanged
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["fc.1.weight"], after["fc.1.weight"])
+    if depth < 5:
+        assert not torch.equal(before["layer4.0.bn1.running_mean"], after["layer4.0.bn1.running_mean"])
+
+
+def test_head_replacement_and_trainable_count():
+    net = create_model("resnet18", 10)
+    freeze(net, 5)
+    replace_head(net, 4)
+    assert net.fc[-1].out_features == 4
+    assert count_trainable(net) == 512 * 4 + 4
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    reference = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.fill_(0.125)
+    ckpt_dir = tmp_path / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    torch.save(reference.state_dict(), ckpt_dir / weights.url.rsplit("/", 1)[-1])
+    net = create_model("resnet18", 5, weights="imagenet")
+    assert torch.all(net.layer3[0].conv1.weight == 0.125)
+    assert torch.all(net.conv1.weight == 0.125)  # centre of the 7x7 kernels
+    assert net.fc[-1].out_features == 5
+
+
+def test_imagenet_weights_offline_give_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(PipelineError, match=r"resnet18-f37072fd.pth into \$TORCH_HOME/hub/checkpoints/ .* or use weights=none"):
+        create_model("resnet18", 5, weights="imagenet")

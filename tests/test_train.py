@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.data.imageset import ImageSet
+from pipeline.data.loader import crop_flip
+from pipeline.data.sources import load_digits
+from pipeline.errors import PipelineError
+from pipeline.models import create_model
+from pipeline.train import NonFiniteLossError, fit, resolve_amp_dtype, resolve_device, seed_everything
+
+CPU = dict(device="cpu", precision="fp32", batch_size=64, augment="none")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    src = load_digits(8)
+    s = src.splits["train"]
+    return ImageSet(s.images[:600], s.labels[:600]), ImageSet(s.images[600:800], s.labels[600:800])
+
+
+def _fit(digits, **kw):
+    train, val = digits
+    cfg = TrainConfig(data="d", **{**CPU, **kw})
+    seed_everything(cfg.seed)
+    net = create_model(cfg.arch, 10)
+    return net, fit(net, train, val, cfg, 10)
+
+
+def test_fit_learns_and_reports_every_epoch(digits):
+    seen = []
+    train, val = digits
+    cfg = TrainConfig(data="d", epochs=3, lr=0.05, **CPU)
+    seed_everything(0)
+    net = create_model("resnet18", 10)
+    result = fit(net, train, val, cfg, 10, on_epoch=lambda e, m: seen.append((e, m)))
+    assert [e for e, _ in seen] == [1, 2, 3]
+    keys = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro", "lr", "images_per_sec"}
+    assert all(set(m) == keys for _, m in seen)
+    assert result.best_metrics["val_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert result.best_metrics["val_f1_macro"] == max(m["val_f1_macro"] for _, m in seen)
+
+
+def test_same_seed_gives_same_metrics_on_cpu(digits):
+    _, a = _fit(digits, epochs=1, augment="basic")
+    _, b = _fit(digits, epochs=1, augment="basic")
+    untimed = lambda r: [{k: v for k, v in h.items() if k != "images_per_sec"} for h in r.history]  # noqa: E731
+    assert untimed(a) == untimed(b)
+
+
+def test_nan_loss_stops_at_once_with_epoch_and_step(digits):
+    with pytest.raises(NonFiniteLossError, match=r"training loss became (nan|inf) at epoch 1 step [0-9]+; lower lr"):
+        _fit(digits, epochs=2, lr=1e30, optimizer="sgd")
+
+
+def test_early_stopping_stops_after_patience(digits):
+    _, r = _fit(digits, epochs=6, lr=1e-6, schedule="constant", patience=1, monitor="val_loss")
+    assert r.stopped_early and len(r.history) < 6
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(digits, tmp_path):
+    train, val = digits
+    cfg = TrainConfig(data="d", epochs=3, lr=0.05, **{**CPU, "augment": "basic"})
+    seed_everything(0)
+    full_net = create_model("resnet18", 10)
+    full = fit(full_net, train, val, cfg, 10)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(epoch, metrics):
+        if epoch == 2:
+            raise Killed
+
+    ckpt = tmp_path / "last.pt"
+    seed_everything(0)
+    with pytest.raises(Killed):
+        fit(create_model("resnet18", 10), train, val, cfg, 10, kill_after_two, str(ckpt))
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 2
+    resumed_net = create_model("resnet18", 10)
+    resumed = fit(resumed_net, train, val, cfg, 10, resume_state=state)
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
+    for k, v in full_net.state_dict().items():
+        assert torch.equal(v, resumed_net.state_dict()[k]), k
+
+
+def test_no_validation_images_is_an_error(digits):
+    train, val = digits
+    with pytest.raises(PipelineError, match="no validation images"):
+        fit(create_model("resnet18", 10), train, val.subset(np.arange(0)), TrainConfig(data="d", **CPU), 10)
+
+
+def test_cuda_without_gpu_and_precision_resolution():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(PipelineError, match="device=cuda but no CUDA GPU is visible"):
+        resolve_device("cuda")
+    assert resolve_amp_dtype("fp32", torch.device("cpu")) is None
+    assert resolve_amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+def test_crop_flip_is_a_shifted_or_mirrored_crop():
+    x = torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    out = crop_flip(x, gen)
+    pad = 1
+    for i in range(len(x)):
+        padded = torch.zeros(8 + 2 * pad, 8 + 2 * pad, 3, dtype=torch.uint8)
+        padded[pad:-pad, pad:-pad] = x[i]
+        crops = [padded[dy : dy + 8, dx : dx + 8] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(1)) for c in crops)
