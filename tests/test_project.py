@@ -1,0 +1,76 @@
+"""The MLproject, the step commands and the environment files agree with each other."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = ["main", "prepare_data", "pretrain", "finetune", "evaluate"]
+
+
+def _cli(step, *args):
+    env = {**os.environ, "PIPELINE_DEBUG": ""}
+    return subprocess.run([sys.executable, "-m", f"steps.{step}", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_every_entry_point_parameter_is_a_command_option():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    assert project["conda_env"] == "conda.yaml"
+    for step in STEPS:
+        entry = project["entry_points"][step]
+        assert entry["command"].startswith(f"python -m steps.{step} ")
+        placeholders = set(re.findall(r"\{(\w+)\}", entry["command"]))
+        assert placeholders == set(entry["parameters"]), step
+        help_text = _cli(step, "--help").stdout
+        for name in entry["parameters"]:
+            assert f"--{name.replace('_', '-')}" in help_text, (step, name)
+
+
+def test_conda_env_pins_the_same_packages_as_requirements():
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    reqs = [ln for ln in (ROOT / "requirements.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert sorted(pip) == sorted(reqs)
+
+
+def test_help_shows_defaults_and_units():
+    out = _cli("pretrain", "--help").stdout
+    assert "images per optimizer step" in out and "[default: 128]" in out
+
+
+def test_bad_parameter_is_one_line_no_traceback_exit_2():
+    r = _cli("pretrain", "--data", "x", "--lr", "-1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: lr=-1.0 must be a positive number"
+
+
+def test_unknown_run_id_fails_the_run(tmp_path):
+    env_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri}
+    r = subprocess.run([sys.executable, "-m", "steps.evaluate", "--model", "f" * 32, "--data", "e" * 32, "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert f"error: no MLflow run '{'f' * 32}'" in r.stderr
+    mlflow.set_tracking_uri(env_uri)
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert [run.info.status for run in runs] == ["FAILED"]
+    finally:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--source", "/nonexistent/images"], "data source '/nonexistent/images' does not exist"),
+    (["--source", "digits", "--val-fraction", "1.5"], "val_fraction=1.5 is out of range"),
+])
+def test_prepare_data_bad_input(args, fragment, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    r = subprocess.run([sys.executable, "-m", "steps.prepare_data", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,240 @@
+"""tune: trials as nested runs, pruning, failures, resuming, parallel workers, the champion.
+
+A 5-class digits model (8x8 px) is pretrained once per module and fine-tuned on all 10 classes,
+so every trial trains a fresh head: a trial with a tiny learning rate stays near chance and is
+pruned by the median of two good ones. Each test tracks into its own MLflow store; the dataset
+and the pretrained model are passed as local folders, which work in any store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pipeline import tracking
+from pipeline.config import PrepareConfig, TrainConfig, TuneConfig
+from pipeline.errors import PipelineError
+from pipeline.tuning import ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL, run_study, storage_identity, trial_seed
+from pipeline.workflow import run_prepare, run_train
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CPU = dict(augment="none", precision="fp32", device="cpu")
+GOOD = dict(lr=0.05, batch_size=32, weight_decay=1e-4, frozen_layers=0)
+
+
+def _use_store(uri: str, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    mlflow.set_tracking_uri(uri)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict:
+    """Local copies of a 10-class dataset and of a model pretrained on 5 classes."""
+    root = tmp_path_factory.mktemp("tune-inputs")
+    prev = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        _use_store(f"sqlite:///{root}/mlflow.db", mp)
+        try:
+            five = run_prepare(PrepareConfig(source="digits", image_size=8, classes="0,1,2,3,4", samples_per_class=40))
+            ten = run_prepare(PrepareConfig(source="digits", image_size=8, samples_per_class=30))
+            pre = run_train(TrainConfig(data=five, epochs=2, lr=0.05, batch_size=64, **CPU), "pretrain")
+            data = mlflow.artifacts.download_artifacts(f"runs:/{ten}/dataset", dst_path=str(root / "data"))
+            model = mlflow.artifacts.download_artifacts(f"runs:/{pre}/model", dst_path=str(root / "pretrained"))
+        finally:
+            mlflow.set_tracking_uri(prev)
+    return {"data": data, "pretrained": model}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow store (and registry) for one test."""
+    prev = mlflow.get_tracking_uri()
+    _use_store(f"sqlite:///{tmp_path}/mlflow.db", monkeypatch)
+    yield str(tmp_path)
+    while mlflow.active_run():
+        mlflow.end_run("FAILED")
+    mlflow.set_tracking_uri(prev)
+
+
+def _runs(**tags) -> list:
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return mlflow.search_runs(search_all_experiments=True, filter_string=filt, output_format="list")
+
+
+def _trial_runs(parent_id: str) -> dict[int, object]:
+    runs = _runs(**{"mlflow.parentRunId": parent_id, "pipeline.step": "finetune"})
+    numbers = [int(r.data.tags[TAG_TRIAL]) for r in runs]
+    assert len(numbers) == len(set(numbers)), "a trial number has two runs"
+    return dict(zip(numbers, runs))
+
+
+def _param_set(params: dict) -> tuple:
+    return tuple(str(params[k]) for k in ("lr", "batch_size", "weight_decay", "frozen_layers"))
+
+
+def test_study_nests_trials_prunes_fails_registers_and_resumes(digits, store):
+    storage = f"sqlite:///{store}/optuna.db"
+    cfg = TuneConfig(
+        **digits, study_name="digits", storage=storage, n_trials=3, epochs=2, sampler="random", pruner="median",
+        startup_trials=2, lr_min=1e-3, lr_max=0.1, batch_sizes="32,64", register_as="digits-tuned", **CPU,
+    )
+    # The first four trials are fixed: two good ones, one that diverges, one that barely learns.
+    study = optuna.create_study(storage=storage, study_name="digits", direction="maximize")
+    study.enqueue_trial(GOOD)
+    study.enqueue_trial({**GOOD, "lr": 0.02, "frozen_layers": 1})
+    study.enqueue_trial({**GOOD, "lr": 1e30})  # nan loss at step 1 -> FAIL
+    study.enqueue_trial({**GOOD, "lr": 1e-7, "frozen_layers": 4})  # near chance -> pruned after epoch 1
+
+    result = run_study(cfg)
+
+    study = optuna.load_study(study_name="digits", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
+    assert result.trials_run == 4 and result.counts["complete"] == 2 and result.counts["pruned"] == 1
+    assert sorted(study.trials[3].intermediate_values) == [1]  # stopped at the first epoch
+
+    parents = _runs(**{"pipeline.step": "tune", TAG_STUDY: "digits"})
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    parent = parents[0]
+    assert parent.info.run_name == "digits" and parent.info.status == "FINISHED"
+    runs = _trial_runs(parent.info.run_id)
+    assert sorted(runs) == [0, 1, 2, 3]
+    expected_status = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
+    for t in study.trials:
+        run = runs[t.number]
+        assert t.user_attrs[ATTR_RUN_ID] == run.info.run_id
+        assert run.data.tags[TAG_STATE] == t.state.name
+        assert run.info.status == expected_status[t.state.name]
+        assert _param_set(run.data.params) == _param_set(t.params)
+        assert run.data.params["epochs"] == "2" and run.data.params["monitor"] == "val_f1_macro"
+    client = mlflow.MlflowClient()
+    for n in (0, 1):
+        history = client.get_metric_history(runs[n].info.run_id, "val_f1_macro")
+        assert [m.step for m in history] == [1, 2]
+        assert runs[n].data.metrics["best_val_f1_macro"] == study.trials[n].value
+    assert len(client.get_metric_history(runs[3].info.run_id, "val_f1_macro")) == 1
+
+    # The parent: best value and params, the trials table and the plots.
+    best = study.best_trial
+    assert result.best_number == best.number and result.best_run_id == best.user_attrs[ATTR_RUN_ID]
+    assert parent.data.metrics["best_val_f1_macro"] == pytest.approx(best.value)
+    assert parent.data.metrics["best_lr"] == pytest.approx(best.params["lr"])
+    assert parent.data.tags["pipeline.best_run_id"] == best.user_attrs[ATTR_RUN_ID]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert {"study/trials.csv", "study/best_trial.json", "study/optimization_history.png", "study/param_importances.png",
+            "study/parallel_coordinate.png", "study/intermediate_values.png"} <= artifacts
+    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/study/trials.csv")
+    assert "user_attrs_mlflow_run_id" in table and table.count("\n") == 5
+
+    # The champion is the best trial's model, loadable by alias.
+    state, meta = tracking.load_model_ref("models:/digits-tuned@champion")
+    assert meta["source_run_id"] == best.user_attrs[ATTR_RUN_ID] and meta["num_classes"] == 10 and state
+
+    # Rerun with the same target: nothing new, same parent, no second registration.
+    again = run_study(cfg)
+    assert again.trials_run == 0 and again.parent_run_id == result.parent_run_id
+    assert len(optuna.load_study(study_name="digits", storage=storage).trials) == 4
+    assert len(client.search_model_versions("name='digits-tuned'")) == 1
+
+    # A larger target continues the same study under the same parent.
+    more = run_study(TuneConfig(**{**cfg.to_params(), "n_trials": 4, "epochs": 2}))
+    assert more.trials_run == 1 and more.parent_run_id == result.parent_run_id
+    assert len(_runs(**{"pipeline.step": "tune", TAG_STUDY: "digits"})) == 1
+    assert sorted(_trial_runs(result.parent_run_id)) == [0, 1, 2, 3, 4]
+    champion = client.get_model_version_by_alias("digits-tuned", "champion")
+    assert champion.run_id == optuna.load_study(study_name="digits", storage=storage).best_trial.user_attrs[ATTR_RUN_ID]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_journal_study(digits, store):
+    journal = Path(store) / "optuna-journal.log"
+    cmd = [
+        sys.executable, "-m", "steps.tune", "--data", digits["data"], "--pretrained", digits["pretrained"],
+        "--study-name", "shared", "--storage", str(journal), "--n-trials", "4", "--epochs", "1",
+        "--sampler", "tpe", "--pruner", "none", "--seed", "0", "--batch-sizes", "32,64",
+        "--augment", "none", "--precision", "fp32", "--device", "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    workers = [subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), "\n\n".join(outputs)
+
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name="shared", storage=JournalStorage(JournalFileBackend(str(journal))))
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4 and len(study.trials) == 4, [t.state for t in study.trials]
+    assert len({_param_set(t.params) for t in study.trials}) == 4, "two trials ran the same hyperparameters"
+    assert len({t.user_attrs[ATTR_WORKER] for t in study.trials}) == 2, "one worker did all the work"
+    parents = _runs(**{"pipeline.step": "tune", TAG_STUDY: "shared"})
+    assert len(parents) == 1
+    runs = _trial_runs(parents[0].info.run_id)
+    assert sorted(runs) == [0, 1, 2, 3]
+    assert {r.info.run_id for r in runs.values()} == {t.user_attrs[ATTR_RUN_ID] for t in study.trials}
+
+
+def test_trial_seeds_differ_per_trial_not_per_worker():
+    seeds = [trial_seed(0, n) for n in range(50)]
+    assert len(set(seeds)) == 50 and seeds == [trial_seed(0, n) for n in range(50)]
+    assert trial_seed(1, 0) != trial_seed(0, 1)
+
+
+def test_storage_names_are_absolute_and_hide_passwords(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage_identity("sqlite:///optuna.db") == f"sqlite:///{tmp_path}/optuna.db"
+    assert storage_identity("runs.log") == f"journal:{tmp_path}/runs.log"
+    assert storage_identity("journal:j/x") == f"journal:{tmp_path}/j/x"
+    assert storage_identity("postgresql://me:secret@db/optuna") == "postgresql://me:***@db/optuna"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr_min": 0.1, "lr_max": 0.01}, "lr_min=0.1 is above lr_max=0.01"),
+        ({"wd_min": 0.0}, "wd_min=0.0 must be a positive"),
+        ({"batch_sizes": "32,x"}, "comma-separated list of positive integers"),
+        ({"frozen_min": 3, "frozen_max": 2}, "0 <= frozen_min <= frozen_max <= 5"),
+        ({"n_trials": 0}, "n_trials=0 must be an integer >= 1"),
+        ({"study_name": "my study"}, "study_name='my study' is not usable"),
+        ({"sampler": "grid"}, "sampler='grid' is not supported"),
+        ({"pruner": "asha"}, "pruner='asha' is not supported"),
+        ({"metric": "val_f1"}, "metric='val_f1' is not supported"),
+        ({"pretrained": ""}, "pretrained is empty"),
+    ],
+)
+def test_config_errors_say_the_fix(change, message):
+    with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TuneConfig(**{"data": "d", "pretrained": "p", **change})
+
+
+def test_resuming_with_another_metric_is_refused(digits, store):
+    storage = f"sqlite:///{store}/optuna.db"
+    optuna.create_study(storage=storage, study_name="s", direction="maximize").set_user_attr("metric", "val_accuracy")
+    with pytest.raises(PipelineError, match="optimizes val_accuracy, not metric=val_f1_macro"):
+        run_study(TuneConfig(**digits, study_name="s", storage=storage, **CPU))
+
+
+def test_bad_storage_says_what_is_accepted(digits, store):
+    with pytest.raises(PipelineError, match="neither a database URL"):
+        run_study(TuneConfig(**digits, storage="optuna.db", **CPU))
+    with pytest.raises(PipelineError, match="does not exist"):
+        run_study(TuneConfig(**digits, storage=f"journal:{store}/missing/j.log", **CPU))
+
+
+def test_tune_help_lists_the_search_space():
+    out = subprocess.run([sys.executable, "-m", "steps.tune", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
+    for flag in ("--n-trials", "--storage", "--lr-min", "--batch-sizes", "--frozen-max", "--register-as", "--pruner", "--sampler"):
+        assert flag in out
+    assert list(itertools.islice(out.splitlines(), 1)) == ["Usage: python -m steps.tune [OPTIONS]"]

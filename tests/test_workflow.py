@@ -1,0 +1,120 @@
+"""What the four step runs leave in MLflow (the session fixture `trained` made them)."""
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+from pipeline import tracking
+from pipeline.config import EvaluateConfig, TrainConfig
+from pipeline.data.store import load_dataset
+from pipeline.errors import PipelineError
+from pipeline.workflow import run_evaluate, run_train
+
+TRAIN_PARAMS = {"data", "arch", "weights", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "label_smoothing", "precision", "device", "seed"}
+EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro", "lr", "images_per_sec"}
+
+
+def _artifacts(run_id, path=""):
+    return {a.path for a in MlflowClient().list_artifacts(run_id, path)}
+
+
+def test_prepare_data_logs_a_verified_dataset_and_an_input(trained):
+    run = mlflow.get_run(trained.prepare)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["source"] == "digits" and run.data.params["image_size"] == "8"
+    path = mlflow.artifacts.download_artifacts(f"runs:/{trained.prepare}/dataset")
+    ds, manifest = load_dataset(path)
+    assert ds.class_names == [str(i) for i in range(10)]
+    assert sum(len(s) for s in ds.splits.values()) == 1797
+    assert run.data.metrics["test_images"] == len(ds.splits["test"])
+    inputs = run.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == manifest["digest"]
+
+
+def test_pretrain_logs_contract_params_epoch_metrics_config_and_model(trained):
+    run = mlflow.get_run(trained.pretrain)
+    assert run.info.status == "FINISHED"
+    assert TRAIN_PARAMS <= set(run.data.params)
+    assert EPOCH_METRICS <= set(run.data.metrics)
+    history = MlflowClient().get_metric_history(trained.pretrain, "val_f1_macro")
+    assert [m.step for m in history] == [1, 2]
+    assert "config.yaml" in _artifacts(trained.pretrain)
+    assert run.data.tags["pipeline.upstream.data"] == f"runs:/{trained.prepare}/dataset"
+    assert run.inputs.dataset_inputs[0].tags[0].value == "training"
+    # The logged model takes what a user has: uint8 (N, H, W, 3) images.
+    model = mlflow.pytorch.load_model(f"runs:/{trained.pretrain}/model")
+    out = model(torch.zeros(3, 8, 8, 3, dtype=torch.uint8))
+    assert out.shape == (3, 10)
+
+
+def test_finetune_consumes_pretrain_and_keeps_frozen_stages(trained):
+    run = mlflow.get_run(trained.finetune)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["pipeline.upstream.pretrained_run"] == trained.pretrain
+    assert run.data.params["frozen_layers"] == "3" and run.data.params["arch"] == "resnet18"
+    pre_params = int(mlflow.get_run(trained.pretrain).data.params["trainable_params"])
+    assert 0 < int(run.data.params["trainable_params"]) < pre_params
+    pre_state, _ = tracking.load_model_ref(trained.pretrain)
+    fin_state, _ = tracking.load_model_ref(trained.finetune)
+    for k in pre_state:
+        frozen = k.split(".")[0] in {"conv1", "bn1", "layer1", "layer2"}
+        assert torch.equal(pre_state[k], fin_state[k]) == frozen or k.endswith("num_batches_tracked"), k
+
+
+def test_evaluate_metrics_equal_sklearn_on_independent_predictions(trained):
+    run = mlflow.get_run(trained.evaluate)
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    ds, _ = load_dataset(mlflow.artifacts.download_artifacts(f"runs:/{trained.prepare}/dataset"), ("test",))
+    test = ds.splits["test"]
+    model = mlflow.pytorch.load_model(f"runs:/{trained.finetune}/model").eval()
+    with torch.no_grad():
+        pred = model(torch.from_numpy(test.images)).argmax(1).numpy()
+    assert m["test_accuracy"] == pytest.approx(accuracy_score(test.labels, pred))
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(test.labels, pred, average=avg, zero_division=0)
+        assert (m[f"test_precision_{avg}"], m[f"test_recall_{avg}"], m[f"test_f1_{avg}"]) == pytest.approx((p, r, f))
+    p, r, f, _ = precision_recall_fscore_support(test.labels, pred, labels=list(range(10)), zero_division=0)
+    assert [m[f"test_f1_{c}"] for c in range(10)] == pytest.approx(list(f))
+    arts = _artifacts(trained.evaluate, "evaluation")
+    assert {f"evaluation/test_{n}" for n in ("per_class.csv", "classification_report.txt", "confusion_matrix.png", "confusion_matrix.csv")} <= arts
+
+
+def test_evaluate_scores_a_users_image_folder(trained, tmp_path, experiment):
+    ds, _ = load_dataset(mlflow.artifacts.download_artifacts(f"runs:/{trained.prepare}/dataset"), ("test",))
+    test = ds.splits["test"]
+    for i in range(40):
+        folder = tmp_path / "mine" / str(test.labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test.images[i]).save(folder / f"{i}.png")
+    run_id = run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "mine"), device="cpu", precision="fp32"))
+    m = mlflow.get_run(run_id).data.metrics
+    assert 0.0 <= m["test_accuracy"] <= 1.0 and "test_f1_macro" in m
+
+
+def _last_run_status(experiment_id):
+    return mlflow.search_runs([experiment_id], output_format="list", order_by=["attributes.start_time DESC"])[0].info.status
+
+
+def test_unknown_run_id_fails_the_run_with_a_clear_message(experiment):
+    with pytest.raises(PipelineError, match="no MLflow run '0123456789abcdef0123456789abcdef'"):
+        run_train(TrainConfig(data="0123456789abcdef0123456789abcdef", device="cpu"), "pretrain")
+    assert _last_run_status(experiment) == "FAILED"
+
+
+def test_dataset_where_a_model_is_expected(trained, experiment):
+    with pytest.raises(PipelineError, match="was not found|is a dataset"):
+        run_evaluate(EvaluateConfig(model=trained.prepare, data=trained.prepare, device="cpu"))
+    assert _last_run_status(experiment) == "FAILED"
+    with pytest.raises(PipelineError, match="is a dataset"):
+        tracking.load_model_ref(f"runs:/{trained.prepare}/dataset")
+
+
+def test_pretrained_architecture_must_fit(trained, experiment):
+    with pytest.raises(PipelineError, match="is a resnet18, not arch=resnet50; set arch=resnet18"):
+        run_train(TrainConfig(data=trained.prepare, pretrained=trained.pretrain, arch="resnet50", device="cpu"), "finetune")
+    assert _last_run_status(experiment) == "FAILED"
