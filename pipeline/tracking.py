@@ -215,8 +215,17 @@ def log_evaluation(report, class_names: list[str], split: str) -> None:
 
 # --- runs ---------------------------------------------------------------------------------
 
+def _param_text(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()  # as MLproject parameters spell them
+    return "" if value is None else str(value)
+
+
 def log_params(params: dict) -> None:
-    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+    """Log params, skipping those `mlflow run` already logged as typed (e.g. lr=1e-2 vs 0.01):
+    MLflow refuses to change a param, and the user's spelling is the one worth keeping."""
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: _param_text(v) for k, v in params.items() if k not in existing})
 
 
 def log_config(params: dict, name: str = "config.yaml") -> None:
@@ -228,15 +237,19 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def step_run(step: str, run_name: str | None = None, tags: dict | None = None, nested: bool = False):
-    """Start (or, under `mlflow run`, attach to) the step's run; end it FAILED on error, KILLED on Ctrl-C."""
+def step_run(step: str, run_name: str | None = None, tags: dict | None = None, nested: bool = False,
+             stopped: tuple[type[BaseException], ...] = ()):
+    """Start (or, under `mlflow run`, attach to) the step's run; end it FAILED on error, KILLED on Ctrl-C.
+
+    Exceptions of the `stopped` types mean a deliberate early stop (Optuna pruning): the run ends KILLED.
+    """
     # The name is set as a tag: under `mlflow run` this attaches to the launcher's run (MLFLOW_RUN_ID).
     run = mlflow.start_run(nested=nested, tags={TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})})
     if run_name:
         mlflow.set_tag("mlflow.runName", run_name)
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, *stopped):
         mlflow.end_run("KILLED")
         raise
     except BaseException:

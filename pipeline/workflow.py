@@ -59,8 +59,13 @@ def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch
     return net, dataclasses.replace(cfg, arch=meta["arch"]), meta
 
 
-def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | None = None, on_epoch=None) -> str:
-    """pretrain (all layers from scratch or ImageNet) or finetune (from `pretrained`, first k stages frozen)."""
+def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | None = None, on_epoch=None,
+              stopped: tuple[type[BaseException], ...] = ()) -> str:
+    """pretrain (all layers from scratch or ImageNet) or finetune (from `pretrained`, first k stages frozen).
+
+    on_epoch may raise one of the `stopped` exception types to end training early on purpose (pruning):
+    the run then ends KILLED instead of FAILED, and the exception propagates.
+    """
     if step == "finetune" and not cfg.pretrained:
         raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI")
     if step == "pretrain" and (cfg.pretrained or cfg.frozen_layers):
@@ -69,7 +74,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     if not cfg.data:
         raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
     name = f"{step} {cfg.arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + f" lr={cfg.lr:g}"
-    with tracking.step_run(step, name, tags, nested) as run:
+    with tracking.step_run(step, name, tags, nested, stopped) as run:
         ds, manifest, data_uri = tracking.load_dataset_ref(cfg.data, ("train", "val"))
         upstream = {"pipeline.upstream.data": data_uri}
         seed_everything(cfg.seed)

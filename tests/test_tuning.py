@@ -27,7 +27,7 @@ from pipeline.workflow import run_prepare, run_train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CPU = dict(augment="none", precision="fp32", device="cpu")
-GOOD = dict(lr=0.05, batch_size=32, weight_decay=1e-4, frozen_layers=0)
+GOOD = dict(lr=0.02, batch_size=16, weight_decay=1e-4, frozen_layers=3)
 
 
 def _use_store(uri: str, monkeypatch) -> None:
@@ -88,14 +88,14 @@ def test_study_nests_trials_prunes_fails_registers_and_resumes(digits, store):
     storage = f"sqlite:///{store}/optuna.db"
     cfg = TuneConfig(
         **digits, study_name="digits", storage=storage, n_trials=3, epochs=2, sampler="random", pruner="median",
-        startup_trials=2, lr_min=1e-3, lr_max=0.1, batch_sizes="32,64", register_as="digits-tuned", **CPU,
+        startup_trials=2, lr_min=1e-3, lr_max=0.1, batch_sizes="16,32", frozen_min=2, register_as="digits-tuned", **CPU,
     )
-    # The first four trials are fixed: two good ones, one that diverges, one that barely learns.
+    # The first four trials are fixed (out-of-range values are allowed for enqueued trials): two good ones, one that diverges, one that barely learns.
     study = optuna.create_study(storage=storage, study_name="digits", direction="maximize")
     study.enqueue_trial(GOOD)
-    study.enqueue_trial({**GOOD, "lr": 0.02, "frozen_layers": 1})
-    study.enqueue_trial({**GOOD, "lr": 1e30})  # nan loss at step 1 -> FAIL
-    study.enqueue_trial({**GOOD, "lr": 1e-7, "frozen_layers": 4})  # near chance -> pruned after epoch 1
+    study.enqueue_trial({**GOOD, "lr": 0.1, "frozen_layers": 4})
+    study.enqueue_trial({**GOOD, "lr": 1e30})  # nan loss at once -> FAIL
+    study.enqueue_trial({**GOOD, "lr": 1e-7, "frozen_layers": 5})  # a random head, untrained -> pruned after epoch 1
 
     result = run_study(cfg)
 

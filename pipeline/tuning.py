@@ -1,0 +1,567 @@
+"""tune: an Optuna study over finetune's hyperparameters, every trial a nested MLflow run.
+
+The one place that talks to Optuna: storage, sampler, pruner, search space, objective, and the
+link between a study and MLflow (written here rather than taken from optuna-integration's
+MLflowCallback, so that a trial's run *is* the finetune run with its model, pruning ends it
+visibly, and parallel workers and reruns share one parent run):
+
+    study  <->  parent run    tags pipeline.step=tune, pipeline.study_name, pipeline.study_storage
+    trial  <->  nested run    tags pipeline.trial_number, pipeline.trial_state; the trial keeps the
+                              run id in its user attr `mlflow_run_id`
+
+n_trials is the study's target, not a per-worker count: a worker starts no trial once the study
+holds n_trials finished (COMPLETE or PRUNED) trials, counting those other workers are running,
+so a rerun of a finished study adds nothing, a larger n_trials continues it, and N workers on
+one storage split the work between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+import socket
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import optuna
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.samplers import BaseSampler
+from optuna.trial import TrialState
+
+from pipeline import tracking
+from pipeline.config import TrainConfig, TuneConfig
+from pipeline.errors import PipelineError
+from pipeline.train import NonFiniteLossError, resolve_device
+from pipeline.workflow import run_train
+
+TAG_STUDY = "pipeline.study_name"
+TAG_STORAGE = "pipeline.study_storage"
+TAG_STORAGE_ID = "pipeline.study_storage_id"
+TAG_TRIAL = "pipeline.trial_number"
+TAG_STATE = "pipeline.trial_state"
+TAG_WORKER = "pipeline.tune_worker"
+ATTR_RUN_ID = "mlflow_run_id"
+ATTR_WORKER = "worker"
+CHAMPION = "champion"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# A failing trial is the study's business, not the worker's: diverged training, or a batch size
+# that does not fit in GPU memory. Anything else (a bad data reference...) stops the worker.
+TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError)
+# SQL storages: workers send heartbeats, so a trial of a killed worker is marked FAIL after the
+# grace period instead of counting as running for ever. (Journal files have no heartbeat.)
+HEARTBEAT_S = 60
+GRACE_S = 180
+SEARCHED = ("lr", "batch_size", "weight_decay", "frozen_layers")
+
+
+# --- storage, sampler, pruner -----------------------------------------------------------------
+
+def journal_path(storage: str) -> str | None:
+    """The file of a journal storage ('journal:PATH' or a path ending .log), else None."""
+    if storage.startswith("journal:"):
+        return storage[len("journal:"):]
+    if storage.endswith(".log") and "://" not in storage:
+        return storage
+    return None
+
+
+def storage_identity(storage: str) -> str:
+    """A cwd-independent, password-free name of the storage, recorded on the parent run."""
+    path = journal_path(storage)
+    if path is not None:
+        return "journal:" + os.path.abspath(path)
+    if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        rel = storage[len("sqlite:///"):]
+        if rel and rel != ":memory:":
+            return "sqlite:///" + os.path.abspath(rel)
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", storage)
+
+
+def open_storage(storage: str) -> optuna.storages.BaseStorage:
+    path = journal_path(storage)
+    if path is not None:
+        if not path:
+            raise PipelineError("storage='journal:' names no file; use e.g. journal:optuna-journal.log")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise PipelineError(f"journal storage {path!r}: folder {parent!r} does not exist; create it or pick another path")
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(path))
+    if "://" not in storage:
+        raise PipelineError(
+            f"storage={storage!r} is neither a database URL (sqlite:///optuna.db, postgresql://...) "
+            "nor a journal file (a path ending .log, or journal:PATH)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    except (ImportError, ValueError, RuntimeError) as exc:
+        raise PipelineError(f"cannot open Optuna storage {storage_identity(storage)!r}: {exc}") from exc
+    except Exception as exc:  # sqlalchemy's errors: bad URL, unreachable server, missing driver
+        if type(exc).__module__.startswith("sqlalchemy"):
+            raise PipelineError(f"cannot open Optuna storage {storage_identity(storage)!r}: {exc}") from exc
+        raise
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """A sampler seed for trial `number`, independent of which worker runs it."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(BaseSampler):
+    """Runs a fresh inner sampler seeded with (seed, trial number) for every trial.
+
+    Parallel workers given the same seed would otherwise draw the same hyperparameters; seeding
+    per trial keeps them apart while a single worker stays reproducible.
+    """
+
+    def __init__(self, make: Callable[[int], BaseSampler], seed: int):
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def before_trial(self, study, trial) -> None:
+        self._inner = self._make(trial_seed(self._seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
+def create_sampler(cfg: TuneConfig) -> BaseSampler:
+    if cfg.sampler == "random":
+        return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), cfg.seed)
+    startup = cfg.startup_trials
+    # constant_liar: a running trial counts as a bad result, so parallel workers spread out.
+    return TrialSeededSampler(lambda s: optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True, seed=s), cfg.seed)
+
+
+def create_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        # Prune a trial whose epoch-k value is worse than the median of earlier trials at epoch k.
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=0)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: TuneConfig) -> optuna.Study:
+    """Create the study, or load it (a rerun, another worker) after checking it optimizes cfg.metric."""
+    storage = open_storage(cfg.storage)
+    study = optuna.create_study(
+        storage=storage, study_name=cfg.study_name, direction=cfg.direction,
+        sampler=create_sampler(cfg), pruner=create_pruner(cfg), load_if_exists=True,
+    )
+    metric = study.user_attrs.get("metric")
+    if metric is None:
+        study.set_user_attr("metric", cfg.metric)
+    elif metric != cfg.metric:
+        raise PipelineError(
+            f"study {cfg.study_name!r} in {storage_identity(cfg.storage)} optimizes {metric}, not metric={cfg.metric}; "
+            f"pass metric={metric} to continue it, or pick a new study_name"
+        )
+    if study.direction.name.lower() != cfg.direction:
+        raise PipelineError(f"study {cfg.study_name!r} was created to {study.direction.name.lower()}; pick a new study_name")
+    return study
+
+
+# --- the search space and one trial -----------------------------------------------------------
+
+def suggest(trial: optuna.Trial, cfg: TuneConfig) -> dict:
+    return {
+        "lr": trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", cfg.batch_size_choices),
+        "weight_decay": trial.suggest_float("weight_decay", cfg.wd_min, cfg.wd_max, log=True),
+        "frozen_layers": trial.suggest_int("frozen_layers", cfg.frozen_min, cfg.frozen_max),
+    }
+
+
+def trial_config(cfg: TuneConfig, params: dict) -> TrainConfig:
+    """Every trial trains with the same seed, so trials differ by their hyperparameters alone."""
+    return TrainConfig(
+        data=cfg.data, pretrained=cfg.pretrained, arch=cfg.arch, epochs=cfg.epochs, monitor=cfg.metric,
+        augment=cfg.augment, precision=cfg.precision, device=cfg.device, seed=cfg.seed, **params,
+    )
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
+    """The trial function; objective.started counts the trials this worker began."""
+
+    def objective(trial: optuna.Trial) -> float:
+        objective.started += 1
+        params = suggest(trial, cfg)
+        trial.set_user_attr(ATTR_WORKER, worker_id())
+        tags = {TAG_STUDY: cfg.study_name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING", TAG_WORKER: worker_id()}
+        seen: dict[str, str] = {}
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            if not seen:
+                seen["run_id"] = mlflow.active_run().info.run_id
+                trial.set_user_attr(ATTR_RUN_ID, seen["run_id"])
+            value = metrics[cfg.metric]
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{cfg.metric}={value:.4f} at epoch {epoch}")
+
+        log(f"tune: trial {trial.number} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
+        state = "FAIL"
+        try:
+            run_id = run_train(trial_config(cfg, params), "finetune", nested=True, tags=tags, on_epoch=on_epoch, stopped=(optuna.TrialPruned,))
+            seen["run_id"] = run_id
+            value = mlflow.get_run(run_id).data.metrics.get(f"best_{cfg.metric}", math.nan)
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"trial {trial.number}: best {cfg.metric} is {value}")
+            state = "COMPLETE"
+            return value
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        finally:
+            _mark_trial_run(trial, seen.get("run_id"), state)
+
+    objective.started = 0
+    return objective
+
+
+def _mark_trial_run(trial: optuna.Trial, run_id: str | None, state: str) -> None:
+    """Tag the (ended) trial run with its final state and link it both ways."""
+    run_id = run_id or _run_of_trial(trial.number)
+    if run_id is None:
+        return  # failed before its run started
+    trial.set_user_attr(ATTR_RUN_ID, run_id)
+    client = MlflowClient()
+    name = client.get_run(run_id).info.run_name or "finetune"
+    client.set_tag(run_id, TAG_STATE, state)
+    client.set_tag(run_id, "mlflow.runName", f"trial {trial.number} {state.lower()}: {name}")
+
+
+def _run_of_trial(number: int) -> str | None:
+    """The run of a trial that failed before its first epoch ended, looked up by its tags."""
+    parent = mlflow.active_run()
+    if parent is None:
+        return None
+    runs = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{TAG_TRIAL}` = '{number}' "
+            f"and tags.`{TAG_WORKER}` = '{worker_id()}'"
+        ),
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+# --- how many trials are left -------------------------------------------------------------
+
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    counts = {s.name.lower(): 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name.lower()] += 1
+    return counts
+
+
+def trials_to_start(study: optuna.Study, target: int) -> int:
+    """Trials still to start so the study reaches `target` finished ones, counting running ones
+    (other workers') as on their way. Trials of dead workers count until marked FAIL: by the
+    heartbeat on SQL storages, never on journal files (raise n_trials to make up for them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
+    counts = trial_counts(study)
+    return target - counts["complete"] - counts["pruned"] - counts["running"]
+
+
+class StopAtTarget:
+    """optimize() callback: after each trial, stop this worker when nothing is left to start."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        if trials_to_start(study, self.target) <= 0:
+            study.stop()
+
+
+# --- the parent run -----------------------------------------------------------------------
+
+def _experiment_id() -> str:
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    return _get_experiment_id() or "0"
+
+
+def _parent_runs(experiment_id: str, study_name: str, storage_id: str) -> list:
+    return mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=(
+            f"tags.`{tracking.TAG_STEP}` = 'tune' and tags.`{TAG_STUDY}` = '{study_name}' "
+            f"and tags.`{TAG_STORAGE_ID}` = '{storage_id}'"
+        ),
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+
+
+def _first(runs: list):
+    """The parent all workers agree on: the oldest, ties broken by run id."""
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def find_or_create_parent(cfg: TuneConfig, log: Callable[[str], None]) -> str:
+    """The study's parent run id: found by its tags (a rerun, another worker) or created.
+
+    Under `mlflow run`, the launcher's run (MLFLOW_RUN_ID) becomes the parent of a new study;
+    for an existing one it becomes a small 'tune worker' run nested under the parent.
+    """
+    client = MlflowClient()
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)  # else nested trial runs would attach to it
+    exp = client.get_run(launcher).info.experiment_id if launcher else _experiment_id()
+    storage = storage_identity(cfg.storage)
+    storage_id = hashlib.sha256(storage.encode()).hexdigest()[:16]
+    tags = {tracking.TAG_STEP: "tune", TAG_STUDY: cfg.study_name, TAG_STORAGE: storage, TAG_STORAGE_ID: storage_id,
+            tracking.TAG_CODE: tracking.code_version()}
+    found = _parent_runs(exp, cfg.study_name, storage_id)
+    mine = None
+    if not found:
+        if launcher:
+            mine = launcher
+            for k, v in tags.items():
+                client.set_tag(mine, k, v)
+        else:
+            mine = client.create_run(exp, run_name=cfg.study_name, tags=tags).info.run_id
+        client.set_tag(mine, "mlflow.runName", cfg.study_name)
+        # Two workers starting together may both have created one: both keep the oldest.
+        found = _parent_runs(exp, cfg.study_name, storage_id)
+    parent = _first(found).info.run_id
+    if mine and mine != parent and mine != launcher:
+        client.delete_run(mine)
+    if launcher and launcher != parent:
+        client.set_tag(launcher, tracking.TAG_STEP, "tune_worker")
+        client.set_tag(launcher, TAG_STUDY, cfg.study_name)
+        client.set_tag(launcher, "mlflow.parentRunId", parent)
+        client.set_tag(launcher, "mlflow.runName", f"{cfg.study_name} worker")
+        client.set_tag(launcher, "mlflow.note.content", f"This `mlflow run` worked on study {cfg.study_name}; its trials are nested under run {parent}.")
+    log(f"tune: study {cfg.study_name!r} in {storage}; parent run {parent}" + (" (resumed)" if mine != parent else ""))
+    return parent
+
+
+@contextlib.contextmanager
+def parent_run(run_id: str):
+    """Reattach to the parent run; several workers may hold it at once (the last to end sets its status)."""
+    run = mlflow.start_run(run_id=run_id)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def log_study_params(run_id: str, cfg: TuneConfig, log: Callable[[str], None]) -> None:
+    """MLflow params cannot change: the first worker's settings stay; a rerun with other values
+    (a larger n_trials, a wider range) is recorded in tune_config.yaml and said on the console."""
+    client = MlflowClient()
+    have = client.get_run(run_id).data.params
+    params = {k: str(v) for k, v in cfg.to_params().items()}
+    params["storage"] = storage_identity(cfg.storage)
+    new = {k: v for k, v in params.items() if k not in have}
+    changed = sorted(k for k, v in params.items() if k in have and have[k] != v)
+    if new:
+        tracking.log_params(new)
+    if changed:
+        log(f"tune: the parent keeps the first run's params for {', '.join(changed)}; this worker's values are in tune_config.yaml")
+    tracking.log_config(params, "tune_config.yaml")
+
+
+# --- the summary after each worker ----------------------------------------------------------
+
+def _is_better(a: float, b: float, direction: str) -> bool:
+    return a < b if direction == "minimize" else a > b
+
+
+def log_summary(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> None:
+    """On the active (parent) run: counts, best value and params, the trials table and plots."""
+    counts = trial_counts(study)
+    finished = counts["complete"] + counts["pruned"]
+    tracking.log_metrics({f"trials_{k}": counts[k] for k in ("complete", "pruned", "fail")}, step=finished)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        best = study.best_trial
+        tracking.log_metrics({f"best_{cfg.metric}": best.value, **{f"best_{k}": v for k, v in best.params.items()}}, step=finished)
+        mlflow.set_tags({"pipeline.best_trial_number": str(best.number), "pipeline.best_run_id": best.user_attrs.get(ATTR_RUN_ID, "")})
+        mlflow.log_dict({"number": best.number, "value": best.value, "metric": cfg.metric, "params": best.params,
+                         "run_id": best.user_attrs.get(ATTR_RUN_ID)}, "study/best_trial.json")
+    df = study.trials_dataframe()
+    mlflow.log_text(df.to_csv(index=False), "study/trials.csv")
+    log_plots(study, log)
+
+
+PLOTS = {
+    "optimization_history": "plot_optimization_history",
+    "param_importances": "plot_param_importances",
+    "parallel_coordinate": "plot_parallel_coordinate",
+    "intermediate_values": "plot_intermediate_values",
+}
+
+
+def log_plots(study: optuna.Study, log: Callable[[str], None]) -> None:
+    """Optuna's matplotlib plots as PNG artifacts; a plot that cannot be drawn is skipped, never fatal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    for name, fn in PLOTS.items():
+        if name == "param_importances" and n_complete < 2:
+            continue  # needs two complete trials
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning on every call
+                ax = getattr(ovm, fn)(study)
+            fig = np.ravel(ax)[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            mlflow.log_figure(fig, f"study/{name}.png")
+        except Exception as exc:  # a plot is a nicety: a study never fails for it
+            log(f"tune: skipped the {name} plot ({type(exc).__name__}: {exc})")
+        finally:
+            plt.close("all")
+
+
+def register_best(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> str | None:
+    """Register the best trial's model under cfg.register_as and move alias `champion` to it when it
+    beats the champion's source run on cfg.metric. One model version per run. Returns the version."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not cfg.register_as or not complete:
+        return None
+    best = study.best_trial
+    run_id = best.user_attrs.get(ATTR_RUN_ID)
+    if not run_id:
+        return None
+    client = MlflowClient()
+    name = cfg.register_as
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    if champion is not None:
+        if champion.run_id == run_id:
+            log(f"tune: {name}@{CHAMPION} (version {champion.version}) already is trial {best.number}'s model")
+            return champion.version
+        try:
+            held = client.get_run(champion.run_id).data.metrics.get(f"best_{cfg.metric}")
+        except MlflowException:
+            held = None
+        if held is None:
+            log(f"tune: {name}@{CHAMPION} (version {champion.version}) has no best_{cfg.metric} to compare; left as is")
+            return None
+        if not _is_better(best.value, held, cfg.direction):
+            log(f"tune: {name}@{CHAMPION} (version {champion.version}, {cfg.metric}={held:.4f}) stays; best trial has {best.value:.4f}")
+            return None
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if existing:
+        version = existing[0].version
+    else:
+        version = mlflow.register_model(_model_source(client, run_id), name).version
+        client.set_model_version_tag(name, version, TAG_STUDY, cfg.study_name)
+        client.set_model_version_tag(name, version, TAG_TRIAL, str(best.number))
+        client.set_model_version_tag(name, version, cfg.metric, f"{best.value:.6g}")
+    client.set_registered_model_alias(name, CHAMPION, version)
+    log(f"tune: registered trial {best.number} as {name} version {version}; models:/{name}@{CHAMPION} points to it")
+    return version
+
+
+def _model_source(client: MlflowClient, run_id: str) -> str:
+    """The run's logged model: models:/<model id> (MLflow 3's own id, which runs:/<run>/model resolves
+    to with a warning), else runs:/<run>/model. Either way the version records the run as its source."""
+    outputs = client.get_run(run_id).outputs
+    model_ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    return f"models:/{model_ids[-1]}" if model_ids else f"runs:/{run_id}/{tracking.MODEL_NAME}"
+
+
+# --- the worker ---------------------------------------------------------------------------
+
+@dataclass
+class TuneResult:
+    study_name: str
+    parent_run_id: str
+    trials_run: int  # by this worker
+    counts: dict
+    best_number: int | None = None
+    best_value: float | None = None
+    best_params: dict | None = None
+    best_run_id: str | None = None
+    registered_version: str | None = None
+
+
+def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
+    """One worker: open (or resume) the study and its parent run, run trials until the study holds
+    cfg.n_trials finished ones (or cfg.timeout passes), then log the summary and register the best."""
+    resolve_device(cfg.device)  # fail on device=cuda without a GPU before opening anything
+    study = open_study(cfg)
+    parent_id = find_or_create_parent(cfg, log)
+    mine = 0
+    with parent_run(parent_id):
+        log_study_params(parent_id, cfg, log)
+        todo = trials_to_start(study, cfg.n_trials)
+        if todo <= 0:
+            c = trial_counts(study)
+            log(f"tune: the study holds {c['complete'] + c['pruned']} finished trial(s) ({c['running']} running); "
+                f"target n_trials={cfg.n_trials} reached, no trial started (raise n_trials to continue)")
+        else:
+            objective = make_objective(cfg, log)
+            study.optimize(
+                objective,
+                timeout=cfg.timeout or None,
+                catch=TRIAL_ERRORS,
+                callbacks=[StopAtTarget(cfg.n_trials), _log_trial(log)],
+                gc_after_trial=True,
+            )
+            mine = objective.started
+        log_summary(study, cfg, log)
+        version = register_best(study, cfg, log)
+    result = TuneResult(cfg.study_name, parent_id, mine, trial_counts(study), registered_version=version)
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        best = study.best_trial
+        result.best_number, result.best_value, result.best_params = best.number, best.value, dict(best.params)
+        result.best_run_id = best.user_attrs.get(ATTR_RUN_ID)
+    return result
+
+
+def _log_trial(log: Callable[[str], None]):
+    def callback(study: optuna.Study, trial) -> None:
+        value = f" {trial.value:.4f}" if trial.value is not None else ""
+        log(f"tune: trial {trial.number} {trial.state.name}{value}")
+
+    return callback
