@@ -107,6 +107,7 @@ class TrainConfig:
     seed: int = opt(0, "seeds weights init, shuffling and augmentation")
     pretrained: str = opt("", "finetune only: run id, runs:/ or models:/ URI")
     frozen_layers: int = opt(0, "finetune only: freeze the first k of stem, layer1..layer4 (0-5; 5 = head only)")
+    resume: str = opt("", "run id of an interrupted run of this step: continue it in place from its last checkpoint, with its stored config")
 
     def __post_init__(self) -> None:
         if self.arch == "auto":

@@ -232,19 +232,46 @@ def log_config(params: dict, name: str = "config.yaml") -> None:
     mlflow.log_dict(params, name)
 
 
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+
+
+def log_checkpoint(path: str) -> None:
+    """Upload the epoch's resumable checkpoint (replacing the previous epoch's)."""
+    mlflow.log_artifact(path, CHECKPOINT_DIR)
+
+
+def load_resume_point(run_id: str, step: str) -> tuple[dict, dict]:
+    """(stored config, last checkpoint) of an interrupted run, for `resume`."""
+    from pipeline.checkpoint import load_checkpoint
+
+    run = get_run(run_id)
+    if run.data.tags.get(TAG_STEP) != step:
+        raise PipelineError(f"run {run_id} is a {run.data.tags.get(TAG_STEP, 'non-pipeline')} run, not {step}; resume a {step} run")
+    if run.info.status == "FINISHED":
+        raise PipelineError(f"run {run_id} already FINISHED; nothing to resume (start a new run instead)")
+    try:
+        stored = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.yaml")
+        ckpt = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}")
+    except (MlflowException, OSError) as exc:
+        raise PipelineError(f"run {run_id} has no checkpoint to resume from (it stopped before its first epoch ended); start it again") from exc
+    return stored, load_checkpoint(ckpt)
+
+
 def log_metrics(metrics: dict, step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 @contextlib.contextmanager
 def step_run(step: str, run_name: str | None = None, tags: dict | None = None, nested: bool = False,
-             stopped: tuple[type[BaseException], ...] = ()):
+             stopped: tuple[type[BaseException], ...] = (), run_id: str | None = None):
     """Start (or, under `mlflow run`, attach to) the step's run; end it FAILED on error, KILLED on Ctrl-C.
 
     Exceptions of the `stopped` types mean a deliberate early stop (Optuna pruning): the run ends KILLED.
     """
     # The name is set as a tag: under `mlflow run` this attaches to the launcher's run (MLFLOW_RUN_ID).
-    run = mlflow.start_run(nested=nested, tags={TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})})
+    # With run_id, an interrupted run is reopened (resume) instead of starting a new one.
+    run = mlflow.start_run(run_id=run_id, nested=nested, tags={TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})})
     if run_name:
         mlflow.set_tag("mlflow.runName", run_name)
     try:

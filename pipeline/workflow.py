@@ -66,6 +66,10 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     on_epoch may raise one of the `stopped` exception types to end training early on purpose (pruning):
     the run then ends KILLED instead of FAILED, and the exception propagates.
     """
+    resume_state = None
+    if cfg.resume:
+        stored, resume_state = tracking.load_resume_point(cfg.resume, step)
+        cfg = TrainConfig(**{**stored, "resume": cfg.resume})
     if step == "finetune" and not cfg.pretrained:
         raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI")
     if step == "pretrain" and (cfg.pretrained or cfg.frozen_layers):
@@ -73,8 +77,11 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
     if not cfg.data:
         raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
-    name = f"{step} {cfg.arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + f" lr={cfg.lr:g}"
-    with tracking.step_run(step, name, tags, nested, stopped) as run:
+    def run_name(arch: str) -> str:
+        return f"{step} {arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + f" lr={cfg.lr:g}"
+
+    name = run_name(cfg.arch)
+    with tracking.step_run(step, name, tags, nested, stopped, run_id=cfg.resume or None) as run:
         ds, manifest, data_uri = tracking.load_dataset_ref(cfg.data, ("train", "val"))
         upstream = {"pipeline.upstream.data": data_uri}
         seed_everything(cfg.seed)
@@ -82,21 +89,26 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
             net, cfg, meta = _build_finetune_net(cfg, ds.class_names)
             upstream["pipeline.upstream.pretrained"] = meta["model_uri"]
             upstream["pipeline.upstream.pretrained_run"] = meta["source_run_id"]
+            mlflow.set_tag("mlflow.runName", run_name(cfg.arch))  # arch=auto is now resolved
         else:
             net = create_model(cfg.arch, ds.num_classes, cfg.dropout, cfg.weights)
         mlflow.set_tags(upstream)
         tracking.log_params(cfg.to_params())
         tracking.log_params({"num_classes": ds.num_classes, "trainable_params": count_trainable(net), "train_images": len(ds.splits["train"])})
-        tracking.log_config(cfg.to_params())
-        tracking.log_dataset_input(manifest, data_uri, context="training")
-
-        def log_epoch(epoch: int, metrics: dict) -> None:
-            tracking.log_metrics(metrics, step=epoch)
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
+        if resume_state is None:
+            tracking.log_config(cfg.to_params())
+            tracking.log_dataset_input(manifest, data_uri, context="training")
 
         with tempfile.TemporaryDirectory() as tmp:
-            result = fit(net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes, log_epoch, os.path.join(tmp, "last.pt"))
+            ckpt = os.path.join(tmp, tracking.LAST_CHECKPOINT)
+
+            def log_epoch(epoch: int, metrics: dict) -> None:
+                tracking.log_metrics(metrics, step=epoch)
+                tracking.log_checkpoint(ckpt)  # fit() wrote it atomically just before
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+
+            result = fit(net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes, log_epoch, ckpt, resume_state)
         tracking.log_metrics({"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in result.best_metrics.items() if k.startswith("val_")}})
         meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names, "image_size": ds.image_size, "dropout": cfg.dropout}
         sample = ds.splits["val"].images[:2]

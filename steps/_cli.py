@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 import sys
 
 import click
@@ -41,6 +42,10 @@ def config_options(config_cls, exclude: tuple[str, ...] = (), defaults: dict | N
     return decorate
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def handle_errors(fn):
     """Turn PipelineError into one line + exit 2, Ctrl-C/SIGTERM into exit 130."""
 
@@ -50,6 +55,9 @@ def handle_errors(fn):
         debug = debug or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
         # Per-file download bars drown the epoch progress; our own bars say what is happening.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # SIGTERM (pre-emption, `kill`) takes the Ctrl-C path: the run ends KILLED, and the last
+        # finished epoch's checkpoint is already in the run's artifacts for `resume`.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return fn(*args, **kwargs)
         except PipelineError as exc:
