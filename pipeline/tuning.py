@@ -21,8 +21,10 @@ import contextlib
 import hashlib
 import math
 import os
+import random
 import re
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from optuna.trial import TrialState
 
 from pipeline import tracking
 from pipeline.config import TrainConfig, TuneConfig
+from pipeline.data.store import MANIFEST, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.train import NonFiniteLossError, resolve_device
 from pipeline.workflow import run_train
@@ -51,7 +54,6 @@ TAG_WORKER = "pipeline.tune_worker"
 ATTR_RUN_ID = "mlflow_run_id"
 ATTR_WORKER = "worker"
 CHAMPION = "champion"
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A failing trial is the study's business, not the worker's: diverged training, or a batch size
 # that does not fit in GPU memory. Anything else (a bad data reference...) stops the worker.
 TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError)
@@ -59,7 +61,6 @@ TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError)
 # grace period instead of counting as running for ever. (Journal files have no heartbeat.)
 HEARTBEAT_S = 60
 GRACE_S = 180
-SEARCHED = ("lr", "batch_size", "weight_decay", "frozen_layers")
 
 
 # --- storage, sampler, pruner -----------------------------------------------------------------
@@ -225,7 +226,8 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
                 trial.set_user_attr(ATTR_RUN_ID, seen["run_id"])
             value = metrics[cfg.metric]
             trial.report(value, epoch)
-            if trial.should_prune():
+            # After the last epoch the work is done: the trial completes (with its model) however it compares.
+            if epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"{cfg.metric}={value:.4f} at epoch {epoch}")
 
         log(f"tune: trial {trial.number} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
@@ -386,6 +388,31 @@ def parent_run(run_id: str):
         mlflow.end_run("FINISHED")
 
 
+def retry_once(fn: Callable[[], None]) -> None:
+    """Run an MLflow write again if it lost a race with another worker (SQLite stores check, then
+    insert: two workers logging the same dataset or param at once collide on a UNIQUE constraint)."""
+    try:
+        fn()
+    except MlflowException:
+        time.sleep(0.5 + random.random())
+        fn()
+
+
+def log_study_dataset(cfg: TuneConfig) -> None:
+    """Record the dataset as an input of the parent run. Done once per worker before any trial, this
+    also creates the experiment's dataset entry that every trial run's input then refers to."""
+    uri = tracking.dataset_uri(cfg.data)
+    if os.path.isdir(cfg.data):
+        folder = cfg.data
+    else:
+        try:
+            folder = os.path.dirname(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{MANIFEST}"))
+        except (MlflowException, OSError) as exc:
+            raise PipelineError(f"no dataset manifest at {uri!r} ({type(exc).__name__}); pass a prepare_data run id or its dataset URI") from exc
+    manifest = read_manifest(folder)
+    retry_once(lambda: tracking.log_dataset_input(manifest, uri, context="tuning"))
+
+
 def log_study_params(run_id: str, cfg: TuneConfig, log: Callable[[str], None]) -> None:
     """MLflow params cannot change: the first worker's settings stay; a rerun with other values
     (a larger n_trials, a wider range) is recorded in tune_config.yaml and said on the console."""
@@ -394,12 +421,22 @@ def log_study_params(run_id: str, cfg: TuneConfig, log: Callable[[str], None]) -
     params = {k: str(v) for k, v in cfg.to_params().items()}
     params["storage"] = storage_identity(cfg.storage)
     new = {k: v for k, v in params.items() if k not in have}
-    changed = sorted(k for k, v in params.items() if k in have and have[k] != v)
+    changed = sorted(k for k, v in params.items() if k in have and not _same_param(have[k], v))
     if new:
-        tracking.log_params(new)
+        retry_once(lambda: tracking.log_params({k: v for k, v in new.items() if k not in client.get_run(run_id).data.params}))
     if changed:
         log(f"tune: the parent keeps the first run's params for {', '.join(changed)}; this worker's values are in tune_config.yaml")
     tracking.log_config(params, "tune_config.yaml")
+
+
+def _same_param(a: str, b: str) -> bool:
+    """Equal as logged: `mlflow run` logs '-P timeout=0' as '0' where the config says 0.0."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
 
 
 # --- the summary after each worker ----------------------------------------------------------
@@ -528,17 +565,20 @@ class TuneResult:
 def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     """One worker: open (or resume) the study and its parent run, run trials until the study holds
     cfg.n_trials finished ones (or cfg.timeout passes), then log the summary and register the best."""
-    resolve_device(cfg.device)  # fail on device=cuda without a GPU before opening anything
+    resolve_device(cfg.device)  # fail fast, before any study or run exists: no GPU for device=cuda,
+    tracking.dataset_uri(cfg.data)  # an unknown data run id,
+    tracking.model_uri(cfg.pretrained)  # an unknown or malformed model reference
     study = open_study(cfg)
     parent_id = find_or_create_parent(cfg, log)
     mine = 0
     with parent_run(parent_id):
         log_study_params(parent_id, cfg, log)
+        log_study_dataset(cfg)
         todo = trials_to_start(study, cfg.n_trials)
         if todo <= 0:
             c = trial_counts(study)
-            log(f"tune: the study holds {c['complete'] + c['pruned']} finished trial(s) ({c['running']} running); "
-                f"target n_trials={cfg.n_trials} reached, no trial started (raise n_trials to continue)")
+            log(f"tune: the study holds {c['complete'] + c['pruned']} finished and {c['running']} running trial(s) "
+                f"of n_trials={cfg.n_trials}: nothing left to start (raise n_trials to continue)")
         else:
             objective = make_objective(cfg, log)
             study.optimize(
@@ -561,7 +601,12 @@ def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult
 
 def _log_trial(log: Callable[[str], None]):
     def callback(study: optuna.Study, trial) -> None:
-        value = f" {trial.value:.4f}" if trial.value is not None else ""
-        log(f"tune: trial {trial.number} {trial.state.name}{value}")
+        if trial.state == TrialState.COMPLETE:
+            log(f"tune: trial {trial.number} COMPLETE {study.user_attrs.get('metric')}={trial.value:.4f}")
+        elif trial.state == TrialState.PRUNED and trial.intermediate_values:
+            epoch = max(trial.intermediate_values)
+            log(f"tune: trial {trial.number} PRUNED after epoch {epoch} ({trial.intermediate_values[epoch]:.4f})")
+        else:
+            log(f"tune: trial {trial.number} {trial.state.name}")
 
     return callback

@@ -8,7 +8,6 @@ and the pretrained model are passed as local folders, which work in any store.
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from pipeline import tracking
@@ -27,7 +27,17 @@ from pipeline.workflow import run_prepare, run_train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CPU = dict(augment="none", precision="fp32", device="cpu")
-GOOD = dict(lr=0.02, batch_size=16, weight_decay=1e-4, frozen_layers=3)
+GOOD = dict(lr=0.1, batch_size=16, weight_decay=1e-4, frozen_layers=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """8x8 images gain nothing from intra-op threads, and two threads per process on a busy 2-core
+    machine (two workers, or anything else running) were measured 5-10x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _use_store(uri: str, monkeypatch) -> None:
@@ -88,12 +98,13 @@ def test_study_nests_trials_prunes_fails_registers_and_resumes(digits, store):
     storage = f"sqlite:///{store}/optuna.db"
     cfg = TuneConfig(
         **digits, study_name="digits", storage=storage, n_trials=3, epochs=2, sampler="random", pruner="median",
-        startup_trials=2, lr_min=1e-3, lr_max=0.1, batch_sizes="16,32", frozen_min=2, register_as="digits-tuned", **CPU,
+        startup_trials=2, lr_min=1e-3, lr_max=0.1, batch_sizes="16,32", frozen_min=4, register_as="digits-tuned", **CPU,
     )
-    # The first four trials are fixed (out-of-range values are allowed for enqueued trials): two good ones, one that diverges, one that barely learns.
+    # The first four trials are fixed: two good ones, one that diverges, one that barely learns
+    # (enqueued trials may lie outside the search ranges).
     study = optuna.create_study(storage=storage, study_name="digits", direction="maximize")
     study.enqueue_trial(GOOD)
-    study.enqueue_trial({**GOOD, "lr": 0.1, "frozen_layers": 4})
+    study.enqueue_trial({**GOOD, "lr": 0.05, "batch_size": 32})
     study.enqueue_trial({**GOOD, "lr": 1e30})  # nan loss at once -> FAIL
     study.enqueue_trial({**GOOD, "lr": 1e-7, "frozen_layers": 5})  # a random head, untrained -> pruned after epoch 1
 
@@ -149,7 +160,7 @@ def test_study_nests_trials_prunes_fails_registers_and_resumes(digits, store):
     assert len(client.search_model_versions("name='digits-tuned'")) == 1
 
     # A larger target continues the same study under the same parent.
-    more = run_study(TuneConfig(**{**cfg.to_params(), "n_trials": 4, "epochs": 2}))
+    more = run_study(TuneConfig(**{**cfg.to_params(), "n_trials": 4, "epochs": 1}))
     assert more.trials_run == 1 and more.parent_run_id == result.parent_run_id
     assert len(_runs(**{"pipeline.step": "tune", TAG_STUDY: "digits"})) == 1
     assert sorted(_trial_runs(result.parent_run_id)) == [0, 1, 2, 3, 4]
@@ -166,6 +177,7 @@ def test_two_workers_share_one_journal_study(digits, store):
         "--sampler", "tpe", "--pruner", "none", "--seed", "0", "--batch-sizes", "32,64",
         "--augment", "none", "--precision", "fp32", "--device", "cpu",
     ]
+    mlflow.search_experiments()  # create the store's tables first: two processes migrating one new SQLite file collide
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     workers = [subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
@@ -183,6 +195,38 @@ def test_two_workers_share_one_journal_study(digits, store):
     runs = _trial_runs(parents[0].info.run_id)
     assert sorted(runs) == [0, 1, 2, 3]
     assert {r.info.run_id for r in runs.values()} == {t.user_attrs[ATTR_RUN_ID] for t in study.trials}
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_point_resumes_under_the_first_launch(digits, store):
+    """Under `mlflow run`, the first launch's run becomes the parent; a later launch is a worker run
+    nested under it, and its trials nest under the parent too."""
+    mlflow.search_experiments()  # create the store's tables
+    journal = Path(store) / "j.log"
+
+    def launch(n_trials: int) -> None:
+        cmd = [
+            sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "-e", "tune", "--env-manager", "local",
+            "-P", f"data={digits['data']}", "-P", f"pretrained={digits['pretrained']}", "-P", "study_name=mlrun",
+            "-P", f"storage={journal}", "-P", f"n_trials={n_trials}", "-P", "epochs=1", "-P", "frozen_min=4",
+            "-P", "augment=none", "-P", "precision=fp32", "-P", "device=cpu", "-P", "batch_sizes=32",
+        ]
+        path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # the command's `python`
+        env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        done = subprocess.run(cmd, cwd=store, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    launch(1)
+    launch(2)
+    parents = _runs(**{"pipeline.step": "tune", TAG_STUDY: "mlrun"})
+    workers = _runs(**{"pipeline.step": "tune_worker", TAG_STUDY: "mlrun"})
+    assert len(parents) == 1 and len(workers) == 1
+    parent = parents[0]
+    assert parent.data.params["n_trials"] == "1" and workers[0].data.params["n_trials"] == "2"
+    assert workers[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert sorted(_trial_runs(parent.info.run_id)) == [0, 1]
+    assert parent.info.status == "FINISHED" and workers[0].info.status == "FINISHED"
 
 
 def test_trial_seeds_differ_per_trial_not_per_worker():
@@ -234,7 +278,23 @@ def test_bad_storage_says_what_is_accepted(digits, store):
 
 
 def test_tune_help_lists_the_search_space():
-    out = subprocess.run([sys.executable, "-m", "steps.tune", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
+    from click.testing import CliRunner
+
+    from steps.tune import main
+
+    out = CliRunner().invoke(main, ["--help"]).output
     for flag in ("--n-trials", "--storage", "--lr-min", "--batch-sizes", "--frozen-max", "--register-as", "--pruner", "--sampler"):
         assert flag in out
-    assert list(itertools.islice(out.splitlines(), 1)) == ["Usage: python -m steps.tune [OPTIONS]"]
+
+
+def test_mlproject_tune_entry_point_passes_every_option():
+    import yaml
+    from click.testing import CliRunner
+
+    from steps.tune import main
+
+    entry = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]["tune"]
+    options = {p.name for p in main.params} - {"debug", "help"}
+    assert set(entry["parameters"]) == options
+    assert all(f"--{name.replace('_', '-')} {{{name}}}" in entry["command"] for name in options)
+    assert CliRunner().invoke(main, ["--help"]).exit_code == 0
