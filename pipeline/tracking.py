@@ -250,8 +250,8 @@ def load_resume_point(run_id: str, step: str) -> tuple[dict, dict]:
         raise PipelineError(f"run {run_id} is a {run.data.tags.get(TAG_STEP, 'non-pipeline')} run, not {step}; resume a {step} run")
     if run.info.status == "FINISHED":
         raise PipelineError(f"run {run_id} already FINISHED; nothing to resume (start a new run instead)")
+    stored = yaml.safe_load(Path(_download(f"runs:/{run_id}/config.yaml", "stored config")).read_text())
     try:
-        stored = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.yaml")
         ckpt = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}")
     except (MlflowException, OSError) as exc:
         raise PipelineError(f"run {run_id} has no checkpoint to resume from (it stopped before its first epoch ended); start it again") from exc
