@@ -233,7 +233,8 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
         log(f"tune: trial {trial.number} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
         state = "FAIL"
         try:
-            run_id = run_train(trial_config(cfg, params), "finetune", nested=True, tags=tags, on_epoch=on_epoch, stopped=(optuna.TrialPruned,))
+            run_id = run_train(trial_config(cfg, params), "finetune", nested=True, tags=tags, on_epoch=on_epoch, stopped=(optuna.TrialPruned,),
+                               upload_checkpoints=False)  # a trial is re-run, not resumed: save ~100 MB each
             seen["run_id"] = run_id
             value = mlflow.get_run(run_id).data.metrics.get(f"best_{cfg.metric}", math.nan)
             if not math.isfinite(value):

@@ -62,11 +62,12 @@ def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch
 
 
 def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | None = None, on_epoch=None,
-              stopped: tuple[type[BaseException], ...] = ()) -> str:
+              stopped: tuple[type[BaseException], ...] = (), upload_checkpoints: bool = True) -> str:
     """pretrain (all layers from scratch or ImageNet) or finetune (from `pretrained`, first k stages frozen).
 
     on_epoch may raise one of the `stopped` exception types to end training early on purpose (pruning):
     the run then ends KILLED instead of FAILED, and the exception propagates.
+    upload_checkpoints=False keeps the resumable checkpoint local (tuning trials: ~100 MB each).
     """
     resume_state = None
     if cfg.resume:
@@ -111,7 +112,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
                 tracking.log_metrics(metrics, step=epoch)
                 # fit() wrote the checkpoint atomically just before. Uploading it costs ~0.3 s per
                 # 100 MB, so it goes up at most once a CHECKPOINT_UPLOAD_S, and on interruption.
-                if time.monotonic() - last_upload >= CHECKPOINT_UPLOAD_S:
+                if upload_checkpoints and time.monotonic() - last_upload >= CHECKPOINT_UPLOAD_S:
                     tracking.log_checkpoint(ckpt)
                     last_upload = time.monotonic()
                 if on_epoch is not None:
@@ -120,7 +121,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
             try:
                 result = fit(net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes, log_epoch, ckpt, resume_state)
             except KeyboardInterrupt:  # Ctrl-C / SIGTERM: keep the last finished epoch for `resume`
-                if os.path.exists(ckpt):
+                if upload_checkpoints and os.path.exists(ckpt):
                     tracking.log_checkpoint(ckpt)
                 raise
         tracking.log_metrics({"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in result.best_metrics.items() if k.startswith("val_")}})
