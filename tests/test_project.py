@@ -14,8 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["main", "prepare_data", "pretrain", "finetune", "evaluate"]
 
 
+def _env(**extra):
+    """The test's environment without the experiment mlflow.set_experiment() put there
+    (it exports MLFLOW_EXPERIMENT_ID, which names nothing in another tracking store)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    return {**env, "PIPELINE_DEBUG": "", **extra}
+
+
 def _cli(step, *args):
-    env = {**os.environ, "PIPELINE_DEBUG": ""}
+    env = _env()
     return subprocess.run([sys.executable, "-m", f"steps.{step}", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -52,7 +59,7 @@ def test_bad_parameter_is_one_line_no_traceback_exit_2():
 
 def test_unknown_run_id_fails_the_run(tmp_path):
     env_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri}
+    env = _env(MLFLOW_TRACKING_URI=env_uri)
     r = subprocess.run([sys.executable, "-m", "steps.evaluate", "--model", "f" * 32, "--data", "e" * 32, "--device", "cpu"],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2
@@ -71,6 +78,6 @@ def test_unknown_run_id_fails_the_run(tmp_path):
     (["--source", "digits", "--val-fraction", "1.5"], "val_fraction=1.5 is out of range"),
 ])
 def test_prepare_data_bad_input(args, fragment, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = _env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
     r = subprocess.run([sys.executable, "-m", "steps.prepare_data", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr
