@@ -274,8 +274,15 @@ def step_run(step: str, run_name: str | None = None, tags: dict | None = None, n
     run = mlflow.start_run(run_id=run_id, nested=nested, tags={TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})})
     if run_name:
         mlflow.set_tag("mlflow.runName", run_name)
-    try:
+    with ending_run(stopped):
         yield run
+
+
+@contextlib.contextmanager
+def ending_run(stopped: tuple[type[BaseException], ...] = ()):
+    """End the active run as its block ends: FINISHED, KILLED (Ctrl-C, SIGTERM, `stopped`), or FAILED."""
+    try:
+        yield
     except (KeyboardInterrupt, *stopped):
         mlflow.end_run("KILLED")
         raise

@@ -377,16 +377,8 @@ def find_or_create_parent(cfg: TuneConfig, log: Callable[[str], None]) -> str:
 def parent_run(run_id: str):
     """Reattach to the parent run; several workers may hold it at once (the last to end sets its status)."""
     run = mlflow.start_run(run_id=run_id)
-    try:
+    with tracking.ending_run():
         yield run
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    else:
-        mlflow.end_run("FINISHED")
 
 
 def retry_once(fn: Callable[[], None]) -> None:

@@ -131,3 +131,22 @@ def test_resize_images_keeps_constant_colour():
     img = np.full((2, 8, 8, 3), 77, np.uint8)
     out = resize_images(img, 16)
     assert out.shape == (2, 16, 16, 3) and (out == 77).all()
+
+
+def test_cifar10_offline_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+
+    from pipeline.data.sources import load_cifar10
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    with pytest.raises(PipelineError) as info:
+        load_cifar10(str(tmp_path / "cifar"), 32)
+    message = str(info.value)
+    assert "could not download CIFAR-10" in message
+    assert "copy cifar-10-python.tar.gz into" in message and "set source to a local image folder or archive" in message
+    assert "\n" not in message
