@@ -23,7 +23,9 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
+from pipeline.checkpoint import load_checkpoint
 from pipeline.data.store import load_dataset
+from pipeline.evaluation import plot_confusion
 from pipeline.errors import PipelineError
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -197,8 +199,6 @@ def _pinned_requirements() -> list[str]:
 
 def log_evaluation(report, class_names: list[str], split: str) -> None:
     """Metrics, the per-class CSV table, the text report and the confusion matrix (PNG + CSV)."""
-    from pipeline.evaluation import plot_confusion
-
     log_metrics(report.metrics)
     mlflow.log_text(report.per_class.to_csv(index=False), f"evaluation/{split}_per_class.csv")
     mlflow.log_text(report.report, f"evaluation/{split}_classification_report.txt")
@@ -243,8 +243,6 @@ def log_checkpoint(path: str) -> None:
 
 def load_resume_point(run_id: str, step: str) -> tuple[dict, dict]:
     """(stored config, last checkpoint) of an interrupted run, for `resume`."""
-    from pipeline.checkpoint import load_checkpoint
-
     run = get_run(run_id)
     if run.data.tags.get(TAG_STEP) != step:
         raise PipelineError(f"run {run_id} is a {run.data.tags.get(TAG_STEP, 'non-pipeline')} run, not {step}; resume a {step} run")

@@ -416,7 +416,7 @@ def log_study_params(run_id: str, cfg: TuneConfig, log: Callable[[str], None]) -
     new = {k: v for k, v in params.items() if k not in have}
     changed = sorted(k for k, v in params.items() if k in have and not _same_param(have[k], v))
     if new:
-        retry_once(lambda: tracking.log_params({k: v for k, v in new.items() if k not in client.get_run(run_id).data.params}))
+        retry_once(lambda: tracking.log_params(new))  # it skips keys another worker logged meanwhile
     if changed:
         log(f"tune: the parent keeps the first run's params for {', '.join(changed)}; this worker's values are in tune_config.yaml")
     tracking.log_config(params, "tune_config.yaml")
