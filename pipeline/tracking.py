@@ -21,18 +21,21 @@ import yaml
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types import Schema, TensorSpec
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data.store import load_dataset
 from pipeline.evaluation import plot_confusion
 from pipeline.errors import PipelineError
+from pipeline.serving import META_ARTIFACT, WEIGHTS_ARTIFACT, predictions_frame
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 DATASET_ARTIFACT = "dataset"
 MODEL_NAME = "model"
 META_FILE = "model_meta.json"
 WEIGHTS_FILE = "state_dict.pt"
+MODEL_ARTIFACTS = "artifacts"  # where pyfunc puts a model's artifacts inside its folder
 TAG_STEP = "pipeline.step"
 TAG_CODE = "pipeline.code_version"
 TAG_CACHE_KEY = "pipeline.cache_key"
@@ -156,7 +159,7 @@ def load_model_ref(ref: str) -> tuple[dict, dict]:
     num_classes, class_names, image_size, dropout and source_run_id."""
     uri = model_uri(ref)
     path = Path(_download(uri, "model"))
-    meta_path = path / "extra_files" / META_FILE
+    meta_path = path / MODEL_ARTIFACTS / META_FILE
     if not meta_path.is_file():
         kind = "a dataset" if (path / "manifest.json").is_file() else "not a model logged by this pipeline"
         raise PipelineError(f"{ref!r} is {kind}; pass a pretrain/finetune run id or its model URI")
@@ -164,30 +167,35 @@ def load_model_ref(ref: str) -> tuple[dict, dict]:
     mlmodel = yaml.safe_load((path / "MLmodel").read_text())
     meta["source_run_id"] = mlmodel.get("run_id", "")
     meta["model_uri"] = uri
-    state = torch.load(path / "extra_files" / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(path / MODEL_ARTIFACTS / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     return state, meta
 
 
 def log_model(classifier: torch.nn.Module, meta: dict, sample: np.ndarray) -> str:
-    """Log the exported classifier as an MLflow PyTorch model (uint8 NHWC in, logits out) with its
-    plain state dict and metadata as extra files, so later steps load it without unpickling."""
+    """Log the trained network as a pyfunc (pipeline.serving.ImageClassifierModel): uint8 images
+    (N, H, W, 3) of any size in, class names and probabilities out. Its artifacts are the plain state
+    dict and metadata, which later steps load with weights_only=True and no unpickling."""
     classifier = classifier.cpu().eval()
-    with torch.no_grad():
-        out = classifier(torch.from_numpy(sample)).float().numpy()
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, WEIGHTS_FILE)
         torch.save(classifier.net.state_dict(), weights)
         meta_path = os.path.join(tmp, META_FILE)
         Path(meta_path).write_text(json.dumps(meta, indent=2))
-        info = mlflow.pytorch.log_model(
-            classifier,
+        with torch.no_grad():
+            probs = torch.softmax(classifier(torch.from_numpy(sample)).float(), 1).numpy()
+        # Any image size is accepted (resized inside), so H and W are left open in the signature.
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+            outputs=infer_signature(sample, predictions_frame(probs, meta["class_names"])).outputs,
+        )
+        info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            signature=infer_signature(sample, out),
+            python_model=str(PROJECT_ROOT / "pipeline" / "pyfunc_model.py"),
+            artifacts={WEIGHTS_ARTIFACT: weights, META_ARTIFACT: meta_path},
+            signature=signature,
             input_example=sample,
             code_paths=[str(PROJECT_ROOT / "pipeline")],
-            extra_files=[weights, meta_path],
             pip_requirements=_pinned_requirements(),
-            serialization_format="pickle",  # pt2 export would pin the example batch shape
         )
     return info.model_uri
 
@@ -197,8 +205,11 @@ def _pinned_requirements() -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
-def log_evaluation(report, class_names: list[str], split: str) -> None:
-    """Metrics, the per-class CSV table, the text report and the confusion matrix (PNG + CSV)."""
+def log_evaluation(report, class_names: list[str], split: str, images: np.ndarray | None = None) -> None:
+    """Metrics, the per-class CSV table, the text report, the confusion matrix (PNG + CSV), per-class
+    precision-recall curves (PNG) and, given the images, the most confidently misclassified (PNG)."""
+    from pipeline.plots import misclassified_grid, precision_recall_figure
+
     log_metrics(report.metrics)
     mlflow.log_text(report.per_class.to_csv(index=False), f"evaluation/{split}_per_class.csv")
     mlflow.log_text(report.report, f"evaluation/{split}_classification_report.txt")
@@ -206,11 +217,17 @@ def log_evaluation(report, class_names: list[str], split: str) -> None:
     header = "true/predicted," + ",".join(class_names)
     rows = [f"{name}," + ",".join(str(int(v)) for v in cm[i]) for i, name in enumerate(class_names)]
     mlflow.log_text("\n".join([header, *rows]) + "\n", f"evaluation/{split}_confusion_matrix.csv")
-    fig = plot_confusion(cm, class_names)
-    mlflow.log_figure(fig, f"evaluation/{split}_confusion_matrix.png")
+    figures = {
+        "confusion_matrix": plot_confusion(cm, class_names),
+        "precision_recall": precision_recall_figure(report.labels, report.probabilities, class_names, report.average_precision),
+    }
+    if images is not None:
+        figures["misclassified"] = misclassified_grid(images, report.labels, report.probabilities, class_names)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    for name, fig in figures.items():
+        mlflow.log_figure(fig, f"evaluation/{split}_{name}.png")
+        plt.close(fig)
 
 
 # --- runs ---------------------------------------------------------------------------------
@@ -262,14 +279,29 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
 
 @contextlib.contextmanager
 def step_run(step: str, run_name: str | None = None, tags: dict | None = None, nested: bool = False,
-             stopped: tuple[type[BaseException], ...] = (), run_id: str | None = None):
+             stopped: tuple[type[BaseException], ...] = (), run_id: str | None = None,
+             system_metrics: bool | None = None):
     """Start (or, under `mlflow run`, attach to) the step's run; end it FAILED on error, KILLED on Ctrl-C.
 
     Exceptions of the `stopped` types mean a deliberate early stop (Optuna pruning): the run ends KILLED.
+    system_metrics: log MLflow's system/* metrics (CPU, memory, disk, network; GPU with pynvml) while
+    the run is open; None leaves it to MLflow (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, default off).
     """
+    if system_metrics:
+        import logging
+
+        if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+            # MLflow samples every 10 s and logs a point only after a full interval, so a run shorter
+            # than that (a demo, a tuning trial on small data) would get none. 2 s gives a curve for
+            # any run worth watching at one cheap psutil sample + one run lookup per 2 s; an hour-long
+            # run gets 1800 points per metric. The environment variable, when set, wins.
+            mlflow.set_system_metrics_sampling_interval(2)
+        # Four INFO lines per run (started, no GPU, stopping, stopped) would drown tune's one line per trial.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     # The name is set as a tag: under `mlflow run` this attaches to the launcher's run (MLFLOW_RUN_ID).
     # With run_id, an interrupted run is reopened (resume) instead of starting a new one.
-    run = mlflow.start_run(run_id=run_id, nested=nested, tags={TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})})
+    run = mlflow.start_run(run_id=run_id, nested=nested, tags={TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})},
+                           log_system_metrics=system_metrics)
     if run_name:
         mlflow.set_tag("mlflow.runName", run_name)
     with ending_run(stopped):

@@ -45,10 +45,11 @@ def test_pretrain_logs_contract_params_epoch_metrics_config_and_model(trained):
     assert "config.yaml" in _artifacts(trained.pretrain)
     assert run.data.tags["pipeline.upstream.data"] == f"runs:/{trained.prepare}/dataset"
     assert run.inputs.dataset_inputs[0].tags[0].value == "training"
-    # The logged model takes what a user has: uint8 (N, H, W, 3) images.
-    model = mlflow.pytorch.load_model(f"runs:/{trained.pretrain}/model")
-    out = model(torch.zeros(3, 8, 8, 3, dtype=torch.uint8))
-    assert out.shape == (3, 10)
+    # The logged model takes what a user has: uint8 (N, H, W, 3) images, of any size.
+    model = mlflow.pyfunc.load_model(f"runs:/{trained.pretrain}/model")
+    out = model.predict(np.zeros((3, 20, 14, 3), np.uint8))
+    assert list(out.columns) == ["class_name", "confidence", *[f"prob_{d}" for d in "0123456789"]]
+    assert len(out) == 3 and np.allclose(out.filter(like="prob_").sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_finetune_consumes_pretrain_and_keeps_frozen_stages(trained):
@@ -71,9 +72,8 @@ def test_evaluate_metrics_equal_sklearn_on_independent_predictions(trained):
     m = run.data.metrics
     ds, _ = load_dataset(mlflow.artifacts.download_artifacts(f"runs:/{trained.prepare}/dataset"), ("test",))
     test = ds.splits["test"]
-    model = mlflow.pytorch.load_model(f"runs:/{trained.finetune}/model").eval()
-    with torch.no_grad():
-        pred = model(torch.from_numpy(test.images)).argmax(1).numpy()
+    model = mlflow.pyfunc.load_model(f"runs:/{trained.finetune}/model")
+    pred = model.predict(test.images)["class_name"].map(ds.class_names.index).to_numpy()
     assert m["test_accuracy"] == pytest.approx(accuracy_score(test.labels, pred))
     for avg in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(test.labels, pred, average=avg, zero_division=0)
