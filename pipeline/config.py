@@ -6,6 +6,7 @@ Validation happens here, before any expensive work (decoding images, opening a s
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -47,6 +48,11 @@ def _positive(name: str, value: float, kind: str = "number") -> None:
 def _non_negative(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise PipelineError(f"{name}={value} must be >= 0")
+
+
+def _plain_name(name: str, value: str) -> None:
+    if "'" in value or '"' in value:
+        raise PipelineError(f"{name}={value!r} contains a quote; use a plain name, e.g. cifar10-resnet18")
 
 
 @dataclass(frozen=True)
@@ -104,10 +110,12 @@ class TrainConfig:
     precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda")
     compile: bool = opt(False, "torch.compile the model (pays off on GPUs for long runs)")
+    system_metrics: bool = opt(True, "log CPU, memory, disk and network use (GPU too where pynvml is installed) as system/* metrics of the run; false = off")
     seed: int = opt(0, "seeds weights init, shuffling and augmentation")
     pretrained: str = opt("", "finetune only: run id, runs:/ or models:/ URI")
     frozen_layers: int = opt(0, "finetune only: freeze the first k of stem, layer1..layer4 (0-5; 5 = head only)")
     resume: str = opt("", "run id of an interrupted run of this step: continue it in place from its last checkpoint, with its stored config")
+    register_as: str = opt("", "registered model name: after training, score on the test split and register the model (alias `champion` moves on better test macro-F1); empty = do not register")
 
     def __post_init__(self) -> None:
         if self.arch == "auto":
@@ -140,6 +148,7 @@ class TrainConfig:
             )
         if self.arch == "resnet9" and self.weights == "imagenet":
             raise PipelineError("arch=resnet9 has no ImageNet weights; use weights=none or a resnet arch")
+        _plain_name("register_as", self.register_as)
 
     def to_params(self) -> dict:
         return asdict(self)
@@ -239,8 +248,7 @@ class TuneConfig:
         _choice("augment", self.augment, AUGMENTS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
-        if "'" in self.register_as or '"' in self.register_as:
-            raise PipelineError(f"register_as={self.register_as!r} contains a quote; use a plain name, e.g. cifar10-resnet18")
+        _plain_name("register_as", self.register_as)
 
     @property
     def batch_size_choices(self) -> list[int]:
@@ -258,3 +266,35 @@ class TuneConfig:
 
     def to_params(self) -> dict:
         return asdict(self)
+
+
+TABLE_SUFFIXES = (".csv", ".md")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Which runs `compare` puts in its table, the sort order, and the files it writes."""
+
+    experiment: str = opt("", "experiment name (or id) whose FINISHED runs to compare; default (no selection at all): the current experiment")
+    parent: str = opt("", "run id of a tune study's or main's parent run: compare its FINISHED descendants")
+    runs: str = opt("", "run ids (training or evaluate runs) separated by spaces or commas, as RUN_ID arguments are")
+    sort: str = opt("", "metric to sort by, best first (lowest first for a *loss*); empty = test_f1_macro, else best_val_f1_macro")
+    output: str = opt("", "also write the table to FILE.csv (full precision) or FILE.md (Markdown)")
+    plot: str = opt("", "write FILE.png: per-class F1 across runs, and frozen_layers vs macro F1")
+
+    def __post_init__(self) -> None:
+        given = [name for name, value in (("experiment", self.experiment), ("parent", self.parent), ("run ids", self.run_ids)) if value]
+        if len(given) > 1:
+            raise PipelineError(f"{' and '.join(given)} were both given; select runs with one of experiment, parent or run ids")
+        if self.output and not self.output.lower().endswith(TABLE_SUFFIXES):
+            raise PipelineError(f"output {self.output!r} has an unknown format; name a .csv or .md file, e.g. runs.csv")
+        if self.plot and not self.plot.lower().endswith(".png"):
+            raise PipelineError(f"plot {self.plot!r} is not a .png file name; use e.g. compare.png")
+        for path in (self.output, self.plot):
+            folder = os.path.dirname(path) or "."
+            if path and not os.path.isdir(folder):
+                raise PipelineError(f"folder {folder!r} for {path!r} does not exist; create it or write elsewhere")
+
+    @property
+    def run_ids(self) -> list[str]:
+        return list(dict.fromkeys(r for r in re.split(r"[\s,]+", self.runs) if r))

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -21,6 +22,7 @@ import yaml
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types import Schema, TensorSpec
 
@@ -275,6 +277,14 @@ def load_resume_point(run_id: str, step: str) -> tuple[dict, dict]:
 
 def log_metrics(metrics: dict, step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_metrics_to(run_id: str, metrics: dict) -> None:
+    """Add metrics to a run that is not the active one (it may have ended: a tuning trial's)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from mlflow.tracking import MlflowClient
 from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
-from pipeline import tracking
+from pipeline import registry, tracking
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.data.store import MANIFEST, read_manifest
 from pipeline.errors import PipelineError
@@ -53,7 +53,6 @@ TAG_STATE = "pipeline.trial_state"
 TAG_WORKER = "pipeline.tune_worker"
 ATTR_RUN_ID = "mlflow_run_id"
 ATTR_WORKER = "worker"
-CHAMPION = "champion"
 # A failing trial is the study's business, not the worker's: diverged training, or a batch size
 # that does not fit in GPU memory. Anything else (a bad data reference...) stops the worker.
 TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError)
@@ -434,10 +433,6 @@ def _same_param(a: str, b: str) -> bool:
 
 # --- the summary after each worker ----------------------------------------------------------
 
-def _is_better(a: float, b: float, direction: str) -> bool:
-    return a < b if direction == "minimize" else a > b
-
-
 def log_summary(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> None:
     """On the active (parent) run: counts, best value and params, the trials table and plots."""
     counts = trial_counts(study)
@@ -490,8 +485,9 @@ def log_plots(study: optuna.Study, log: Callable[[str], None]) -> None:
 
 
 def register_best(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> str | None:
-    """Register the best trial's model under cfg.register_as and move alias `champion` to it when it
-    beats the champion's source run on cfg.metric. One model version per run. Returns the version."""
+    """Register the best trial's model under cfg.register_as when it beats the champion on cfg.metric
+    (one version per run), scored on the test split first: the test metrics go to the trial's run and,
+    with the data and pretrained model, into the version's description. Alias `champion` moves to it."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not cfg.register_as or not complete:
         return None
@@ -501,43 +497,23 @@ def register_best(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], Non
         return None
     client = MlflowClient()
     name = cfg.register_as
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    if champion is not None:
-        if champion.run_id == run_id:
-            log(f"tune: {name}@{CHAMPION} (version {champion.version}) already is trial {best.number}'s model")
-            return champion.version
-        try:
-            held = client.get_run(champion.run_id).data.metrics.get(f"best_{cfg.metric}")
-        except MlflowException:
-            held = None
-        if held is None:
-            log(f"tune: {name}@{CHAMPION} (version {champion.version}) has no best_{cfg.metric} to compare; left as is")
-            return None
-        if not _is_better(best.value, held, cfg.direction):
-            log(f"tune: {name}@{CHAMPION} (version {champion.version}, {cfg.metric}={held:.4f}) stays; best trial has {best.value:.4f}")
-            return None
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if existing:
-        version = existing[0].version
-    else:
-        version = mlflow.register_model(_model_source(client, run_id), name).version
-        client.set_model_version_tag(name, version, TAG_STUDY, cfg.study_name)
-        client.set_model_version_tag(name, version, TAG_TRIAL, str(best.number))
-        client.set_model_version_tag(name, version, cfg.metric, f"{best.value:.6g}")
-    client.set_registered_model_alias(name, CHAMPION, version)
-    log(f"tune: registered trial {best.number} as {name} version {version}; models:/{name}@{CHAMPION} points to it")
+        log(f"tune: trial {best.number}'s model already is {name} version {existing[0].version}")
+        return existing[0].version
+    held = registry.champion_holds(name, cfg.metric, best.value, cfg.direction == "maximize")
+    if held:
+        log(f"tune: {held}")
+        return None
+    report, images, _ = registry.evaluate_run_on_test(run_id, cfg.data, cfg.device, cfg.precision)
+    test = {k: v for k, v in report.metrics.items() if k in registry.TEST_METRICS}
+    tracking.log_metrics_to(run_id, test)
+    tags = {TAG_STUDY: cfg.study_name, TAG_TRIAL: str(best.number), cfg.metric: f"{best.value:.6g}",
+            **{k: f"{v:.6g}" for k, v in test.items()}}
+    version = registry.register_run_model(run_id, name, registry.describe_run(run_id, test, len(images)), tags)
+    log(f"tune: registered trial {best.number} as {name} version {version} (test macro-F1 {test['test_f1_macro']:.4f}); "
+        + registry.promote(name, version))
     return version
-
-
-def _model_source(client: MlflowClient, run_id: str) -> str:
-    """The run's logged model: models:/<model id> (MLflow 3's own id, which runs:/<run>/model resolves
-    to with a warning), else runs:/<run>/model. Either way the version records the run as its source."""
-    outputs = client.get_run(run_id).outputs
-    model_ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
-    return f"models:/{model_ids[-1]}" if model_ids else f"runs:/{run_id}/{tracking.MODEL_NAME}"
 
 
 # --- the worker ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ The steps/ commands call these; `main` calls them nested under one parent run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -14,7 +15,7 @@ import mlflow
 import numpy as np
 import torch
 
-from pipeline import tracking
+from pipeline import distributed, registry, tracking
 from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import read_image_tree
@@ -62,13 +63,18 @@ def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch
 
 
 def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | None = None, on_epoch=None,
-              stopped: tuple[type[BaseException], ...] = (), upload_checkpoints: bool = True) -> str:
+              stopped: tuple[type[BaseException], ...] = (), upload_checkpoints: bool = True) -> str | None:
     """pretrain (all layers from scratch or ImageNet) or finetune (from `pretrained`, first k stages frozen).
 
     on_epoch may raise one of the `stopped` exception types to end training early on purpose (pruning):
     the run then ends KILLED instead of FAILED, and the exception propagates.
     upload_checkpoints=False keeps the resumable checkpoint local (tuning trials: ~100 MB each).
+
+    Under torchrun every process runs this and trains on its shard of each global batch; only rank 0
+    starts, logs to and ends the MLflow run, writes checkpoints, calls on_epoch and returns the run
+    id. The other ranks only read MLflow (dataset, pretrained model, resume point) and return None.
     """
+    world = distributed.read_world()
     resume_state = None
     if cfg.resume:
         stored, resume_state = tracking.load_resume_point(cfg.resume, step)
@@ -77,33 +83,42 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
         raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI")
     if step == "pretrain" and (cfg.pretrained or cfg.frozen_layers):
         raise PipelineError("pretrain trains every layer from scratch; use the finetune step for pretrained/frozen_layers")
-    resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
+    device = resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
+    distributed.check_world(world, cfg.batch_size, device)
     if not cfg.data:
         raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
     def run_name(arch: str) -> str:
         return f"{step} {arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + f" lr={cfg.lr:g}"
 
     name = run_name(cfg.arch)
-    with tracking.step_run(step, name, tags, nested, stopped, run_id=cfg.resume or None) as run:
-        ds, manifest, data_uri = tracking.load_dataset_ref(cfg.data, ("train", "val"))
-        upstream = {"pipeline.upstream.data": data_uri}
-        seed_everything(cfg.seed)
-        if step == "finetune":
-            net, cfg, meta = _build_finetune_net(cfg, ds.class_names)
-            upstream["pipeline.upstream.pretrained"] = meta["model_uri"]
-            upstream["pipeline.upstream.pretrained_run"] = meta["source_run_id"]
-            mlflow.set_tag("mlflow.runName", run_name(cfg.arch))  # arch=auto is now resolved
-        else:
-            net = create_model(cfg.arch, ds.num_classes, cfg.dropout, cfg.weights)
-        mlflow.set_tags(upstream)
-        tracking.log_params(cfg.to_params())
-        tracking.log_params({"num_classes": ds.num_classes, "trainable_params": count_trainable(net), "train_images": len(ds.splits["train"])})
-        if resume_state is None:
-            tracking.log_config(cfg.to_params())
-            tracking.log_dataset_input(manifest, data_uri, context="training")
+    main = world.is_main
+    # Everything up to the first collective runs in failing_together: a rank failing there alone
+    # (its dataset download, say) makes every rank fail with its message instead of waiting.
+    step_run = tracking.step_run if main else _no_run
+    with distributed.joining_process_group(world, device), step_run(step, name, tags, nested, stopped, run_id=cfg.resume or None, system_metrics=cfg.system_metrics) as run:
+        with distributed.failing_together(world):
+            ds, manifest, data_uri = tracking.load_dataset_ref(cfg.data, ("train", "val"))
+            upstream = {"pipeline.upstream.data": data_uri}
+            seed_everything(cfg.seed)
+            if step == "finetune":
+                net, cfg, meta = _build_finetune_net(cfg, ds.class_names)
+                upstream["pipeline.upstream.pretrained"] = meta["model_uri"]
+                upstream["pipeline.upstream.pretrained_run"] = meta["source_run_id"]
+            else:
+                net = create_model(cfg.arch, ds.num_classes, cfg.dropout, cfg.weights)
+            if main:
+                if step == "finetune":
+                    mlflow.set_tag("mlflow.runName", run_name(cfg.arch))  # arch=auto is now resolved
+                mlflow.set_tags(upstream)
+                tracking.log_params(cfg.to_params())
+                tracking.log_params({"num_classes": ds.num_classes, "trainable_params": count_trainable(net),
+                                     "train_images": len(ds.splits["train"]), "world_size": world.size})
+                if resume_state is None:
+                    tracking.log_config(cfg.to_params())
+                    tracking.log_dataset_input(manifest, data_uri, context="training")
 
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = os.path.join(tmp, tracking.LAST_CHECKPOINT)
+            ckpt = os.path.join(tmp, tracking.LAST_CHECKPOINT) if main else None
 
             last_upload = time.monotonic()
 
@@ -119,16 +134,27 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
                     on_epoch(epoch, metrics)
 
             try:
-                result = fit(net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes, log_epoch, ckpt, resume_state)
+                result = fit(net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes, log_epoch if main else None, ckpt,
+                             resume_state, world)
             except KeyboardInterrupt:  # Ctrl-C / SIGTERM: keep the last finished epoch for `resume`
-                if upload_checkpoints and os.path.exists(ckpt):
+                if upload_checkpoints and ckpt and os.path.exists(ckpt):
                     tracking.log_checkpoint(ckpt)
                 raise
+        if not main:
+            return None
         tracking.log_metrics({"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in result.best_metrics.items() if k.startswith("val_")}})
         meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names, "image_size": ds.image_size, "dropout": cfg.dropout}
         sample = ds.splits["val"].images[:2]
         tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample)
+        if cfg.register_as:
+            registry.register_trained_run(run.info.run_id, cfg.register_as, cfg.data, cfg.device, cfg.precision)
         return run.info.run_id
+
+
+@contextlib.contextmanager
+def _no_run(*args, **kwargs):
+    """step_run's stand-in on ranks other than 0: no MLflow run."""
+    yield None
 
 
 def _evaluation_images(cfg: EvaluateConfig, meta: dict):
@@ -170,5 +196,5 @@ def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = 
         net.to(device, memory_format=torch.channels_last)
         amp = resolve_amp_dtype(cfg.precision, device)
         report = evaluate_images(net, images, labels, meta["class_names"], cfg.split, amp, cfg.tta, cfg.batch_size)
-        tracking.log_evaluation(report, meta["class_names"], cfg.split)
+        tracking.log_evaluation(report, meta["class_names"], cfg.split, images)
         return run.info.run_id

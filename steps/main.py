@@ -5,9 +5,11 @@ prints which steps it reused.
 """
 
 import click
+import mlflow
 
 from pipeline.chain import ChainConfig, run_chain
 from pipeline.config import PrepareConfig, TrainConfig
+from pipeline.registry import register_evaluated
 from steps._cli import handle_errors
 
 
@@ -31,9 +33,12 @@ from steps._cli import handle_errors
 @click.option("--precision", default="auto", show_default=True, help="auto | bf16 | fp32")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--seed", default=0, show_default=True, help="seed for splits, init, shuffling, augmentation")
+@click.option("--register-as", default="", show_default=True,
+              help="registered model name for the fine-tuned model, described with its test metrics (alias `champion` moves on better test macro-F1); empty = do not register")
 @handle_errors
 def main(source, data_dir, image_size, val_fraction, test_fraction, classes, samples_per_class, arch, weights,
-         pretrain_epochs, finetune_epochs, batch_size, pretrain_lr, finetune_lr, augment, frozen_layers, precision, device, seed):
+         pretrain_epochs, finetune_epochs, batch_size, pretrain_lr, finetune_lr, augment, frozen_layers, precision, device, seed,
+         register_as):
     shared = dict(arch=arch, batch_size=batch_size, augment=augment, precision=precision, device=device, seed=seed)
     cfg = ChainConfig(
         prepare=PrepareConfig(source=source, data_dir=data_dir, image_size=image_size, val_fraction=val_fraction,
@@ -44,6 +49,9 @@ def main(source, data_dir, image_size, val_fraction, test_fraction, classes, sam
     ids = run_chain(cfg)
     for step, run_id in ids.items():
         click.echo(f"{step:>12}: {run_id}")
+    if register_as:
+        test_images = int(mlflow.get_run(ids["prepare_data"]).data.metrics.get("test_images", 0))
+        register_evaluated(ids["finetune"], ids["evaluate"], register_as, test_images)
 
 
 if __name__ == "__main__":

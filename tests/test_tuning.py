@@ -152,6 +152,13 @@ def test_study_nests_trials_prunes_fails_registers_and_resumes(digits, store):
     # The champion is the best trial's model, loadable by alias.
     state, meta = tracking.load_model_ref("models:/digits-tuned@champion")
     assert meta["source_run_id"] == best.user_attrs[ATTR_RUN_ID] and meta["num_classes"] == 10 and state
+    # Its version says what it was trained on and from, and how it scores on the test split, which
+    # the best trial's run now holds too.
+    version = client.get_model_version_by_alias("digits-tuned", "champion")
+    best_run = client.get_run(best.user_attrs[ATTR_RUN_ID])
+    assert f"accuracy {best_run.data.metrics['test_accuracy']:.4f}" in version.description
+    assert digits["data"] in version.description and "pretrained from" in version.description
+    assert float(version.tags["val_f1_macro"]) == pytest.approx(best.value, rel=1e-5)
 
     # Rerun with the same target: nothing new, same parent, no second registration.
     again = run_study(cfg)

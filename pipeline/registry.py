@@ -1,0 +1,116 @@
+"""The model registry: a trained run's model becomes a version with a description a reviewer can
+read (data, pretrained source, test metrics), and alias `champion` follows the best version.
+
+finetune/pretrain (`register_as`) and tune (`register_as`, best trial) both register through here.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.errors import PipelineError
+from pipeline.evaluation import evaluate_images
+from pipeline.models import create_model
+from pipeline.train import resolve_amp_dtype, resolve_device
+
+CHAMPION = "champion"
+TEST_METRICS = ("test_accuracy", "test_f1_macro", "test_precision_macro", "test_recall_macro")
+
+
+def evaluate_run_on_test(run_id: str, data: str, device: str = "auto", precision: str = "auto"):
+    """The run's logged model scored on the dataset's test split: (EvaluationReport, test images, class names)."""
+    state, meta = tracking.load_model_ref(run_id)
+    ds, _, _ = tracking.load_dataset_ref(data, ("test",))
+    dev = resolve_device(device)
+    net = create_model(meta["arch"], meta["num_classes"], meta.get("dropout", 0.0))
+    net.load_state_dict(state)
+    net.to(dev, memory_format=torch.channels_last)
+    test = ds.splits["test"]
+    report = evaluate_images(net, test.images, test.labels, meta["class_names"], "test", resolve_amp_dtype(precision, dev))
+    return report, test.images, meta["class_names"]
+
+
+def describe_run(run_id: str, metrics: dict[str, float], test_images: int) -> str:
+    """Markdown for the version's description: what was trained, on what, from what, and how well."""
+    run = mlflow.get_run(run_id)
+    params, tags = run.data.params, run.data.tags
+    step = tags.get(tracking.TAG_STEP, "training")
+    frozen = f", frozen_layers={params['frozen_layers']}" if step == "finetune" else ""
+    pretrained = tags.get("pipeline.upstream.pretrained") or f"none ({params.get('weights', 'none')} weights, trained from scratch)"
+    scores = ", ".join(f"{k[len('test_'):]} {metrics[k]:.4f}" for k in TEST_METRICS if k in metrics)
+    return "\n".join([
+        f"**{step} {params.get('arch', '?')}**{frozen}, lr={params.get('lr', '?')}, batch_size={params.get('batch_size', '?')}, "
+        f"epochs={params.get('epochs', '?')} (run `{run_id}`)",
+        "",
+        f"- data: `{tags.get('pipeline.upstream.data', '?')}`",
+        f"- pretrained from: `{pretrained}`",
+        f"- test split ({test_images} images): {scores}",
+    ])
+
+
+def _model_source(client: MlflowClient, run_id: str) -> str:
+    """The run's logged model: models:/<model id> (MLflow 3's own id, which runs:/<run>/model resolves
+    to with a warning), else runs:/<run>/model. Either way the version records the run as its source."""
+    outputs = client.get_run(run_id).outputs
+    model_ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    return f"models:/{model_ids[-1]}" if model_ids else f"runs:/{run_id}/{tracking.MODEL_NAME}"
+
+
+def register_run_model(run_id: str, name: str, description: str, tags: dict[str, str]) -> str:
+    """Register the run's model under `name` (one version per run: registering again updates it)."""
+    client = MlflowClient()
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    version = existing[0].version if existing else mlflow.register_model(_model_source(client, run_id), name).version
+    client.update_model_version(name, version, description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+def champion_holds(name: str, metric: str, value: float, higher_is_better: bool = True) -> str | None:
+    """Why alias `champion` should stay where it is (it holds a `metric` version tag at least as good
+    as `value`, or none to compare), or None when a model scoring `value` should take it."""
+    try:
+        champion = MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    held = champion.tags.get(metric)
+    if held is None:
+        return f"{name}@{CHAMPION} (version {champion.version}) has no {metric} to compare; left as is"
+    better = value > float(held) if higher_is_better else value < float(held)
+    return None if better else f"{name}@{CHAMPION} (version {champion.version}, {metric}={float(held):.4f}) stays; the new model has {value:.4f}"
+
+
+def promote(name: str, version: str) -> str:
+    MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+    return f"models:/{name}@{CHAMPION} now points to version {version}"
+
+
+def register_trained_run(run_id: str, name: str, data: str, device: str = "auto", precision: str = "auto") -> str:
+    """finetune/pretrain `register_as`: score the run's model on the test split (metrics and plots go
+    to the run, which must be the active one), register it, and promote it on test macro-F1."""
+    report, images, class_names = evaluate_run_on_test(run_id, data, device, precision)
+    tracking.log_evaluation(report, class_names, "test", images)
+    metrics = report.metrics
+    version = register_run_model(run_id, name, describe_run(run_id, metrics, len(images)),
+                                 {k: f"{metrics[k]:.6g}" for k in TEST_METRICS})
+    reason = champion_holds(name, "test_f1_macro", metrics["test_f1_macro"]) or promote(name, version)
+    print(f"registered {name} version {version}; {reason}")
+    return version
+
+
+def register_evaluated(train_run_id: str, evaluate_run_id: str, name: str, test_images: int) -> str:
+    """main's `register_as`: register the fine-tuned model with the test metrics its evaluate run logged."""
+    logged = mlflow.get_run(evaluate_run_id).data.metrics
+    metrics = {k: logged[k] for k in TEST_METRICS if k in logged}
+    if "test_f1_macro" not in metrics:
+        raise PipelineError(f"evaluate run {evaluate_run_id} has no test metrics; register a model evaluated on the test split")
+    version = register_run_model(train_run_id, name, describe_run(train_run_id, metrics, test_images),
+                                 {k: f"{v:.6g}" for k, v in metrics.items()})
+    reason = champion_holds(name, "test_f1_macro", metrics["test_f1_macro"]) or promote(name, version)
+    print(f"registered {name} version {version}; {reason}")
+    return version
