@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.metrics import confusion, per_class_table, report_text, summary_metrics
+from pipeline.metrics import average_precision, confusion, per_class_table, report_text, summary_metrics
+from pipeline.plots import pyplot
 from pipeline.train import predict_logits
 
 MAX_PER_CLASS_METRICS = 20  # beyond this many classes, per-class numbers go to the CSV table only
@@ -21,6 +22,8 @@ class EvaluationReport:
     report: str
     confusion: np.ndarray
     probabilities: np.ndarray
+    labels: np.ndarray
+    average_precision: np.ndarray  # per class, one vs rest; NaN for a class with no true images
 
 
 def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, amp_dtype, tta=False, batch_size=512) -> EvaluationReport:
@@ -30,19 +33,19 @@ def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: li
     pred = probs.argmax(1)
     metrics = summary_metrics(labels, pred, len(class_names), prefix)
     table = per_class_table(labels, pred, class_names)
+    ap = average_precision(labels, probs)
+    table["average_precision"] = ap  # the CSV holds it for any number of classes
+    metrics[f"{prefix}_average_precision_macro"] = float(np.nanmean(ap))  # over the classes present
     if len(class_names) <= MAX_PER_CLASS_METRICS:
         for row in table.itertuples():
             for m in ("precision", "recall", "f1"):
                 metrics[f"{prefix}_{m}_{row[1]}"] = float(getattr(row, m))
-    return EvaluationReport(metrics, table, report_text(labels, pred, class_names), confusion(labels, pred, len(class_names)), probs)
+        metrics.update({f"{prefix}_average_precision_{name}": float(v) for name, v in zip(class_names, ap) if not np.isnan(v)})
+    return EvaluationReport(metrics, table, report_text(labels, pred, class_names), confusion(labels, pred, len(class_names)), probs, labels, ap)
 
 
 def plot_confusion(cm: np.ndarray, class_names: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on servers or CI
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(class_names)
     size = max(4.0, 0.5 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size))

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
     classification_report,
     confusion_matrix,
     precision_recall_fscore_support,
@@ -37,3 +38,12 @@ def report_text(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     return confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
+
+
+def average_precision(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """One-vs-rest average precision of each class's probability column; NaN for a class with no
+    true images (its precision-recall curve is undefined), so a macro mean skips it."""
+    return np.array([
+        average_precision_score(y_true == c, probs[:, c]) if (y_true == c).any() else np.nan
+        for c in range(probs.shape[1])
+    ])

@@ -1,8 +1,9 @@
 """evaluate: score a model on a dataset split or on an image folder/archive.
 
-Writes: `<split>_accuracy`, `<split>_{precision,recall,f1}_{macro,weighted}`, per-class metrics
-(up to 20 classes), and evaluation/ artifacts: per-class CSV, classification report, confusion
-matrix (PNG and CSV).
+Writes: `<split>_accuracy`, `<split>_{precision,recall,f1}_{macro,weighted}`,
+`<split>_average_precision_macro`, per-class metrics (up to 20 classes), and evaluation/ artifacts:
+per-class CSV, classification report, confusion matrix (PNG and CSV), per-class precision-recall
+curves (PNG) and the up to 25 most confidently misclassified images (PNG).
 """
 
 import click

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["main", "prepare_data", "pretrain", "finetune", "evaluate"]
+STEPS = ["main", "prepare_data", "pretrain", "finetune", "evaluate", "compare"]
 
 
 def _env(**extra):
