@@ -18,12 +18,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.checkpoint import save_atomic
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import iter_eval_batches, iter_train_batches
+from pipeline.distributed import (
+    SINGLE,
+    World,
+    broadcast_buffers,
+    count_epoch,
+    derive_seed,
+    gather_rows,
+    mark_raised_on_every_rank,
+    shard_range,
+    sum_across,
+)
 from pipeline.errors import PipelineError
 from pipeline.metrics import summary_metrics
 from pipeline.models import set_train_mode
@@ -88,8 +100,15 @@ def predict_logits(
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate_split(net, images, labels, amp_dtype, num_classes, tta=False) -> dict[str, float]:
-    logits = predict_logits(net, images, amp_dtype, tta)
+def evaluate_split(net, images, labels, amp_dtype, num_classes, tta=False, world: World = SINGLE) -> dict[str, float]:
+    """Validation metrics. Several processes: each scores its shard_range rows, and the logits are
+    gathered back in order on every rank, so the metrics equal one process's and agree on all ranks."""
+    if world.size > 1:
+        start, stop = shard_range(len(images), world.rank, world.size)
+        local = predict_logits(net, images[start:stop], amp_dtype, tta).reshape(stop - start, num_classes)
+        logits = gather_rows(local.to(images.device), len(images), world)
+    else:
+        logits = predict_logits(net, images, amp_dtype, tta)
     loss = F.cross_entropy(logits, labels).item()
     pred = logits.argmax(1).cpu().numpy()
     metrics = summary_metrics(labels.cpu().numpy(), pred, num_classes, "val")
@@ -148,13 +167,20 @@ def fit(
     on_epoch: EpochCallback | None = None,
     checkpoint_path: str | None = None,
     resume_state: dict | None = None,
+    world: World = SINGLE,
 ) -> FitResult:
     """Train `net` in place and leave it holding the best epoch's weights.
 
     on_epoch(epoch, metrics) is called after each epoch (epochs count from 1); it may raise to
     stop training (Optuna pruning does). With checkpoint_path, a resumable checkpoint is written
     atomically after every epoch; resume_state (a loaded checkpoint) continues from it.
+
+    With world.size > 1 (torchrun, process group joined) every rank calls fit() on the same data:
+    cfg.batch_size stays the global batch, each rank trains on its shard of every global batch
+    under DistributedDataParallel, and every rank gets the same metrics. Callers pass on_epoch and
+    checkpoint_path on rank 0 only.
     """
+    distributed = world.size > 1
     if len(val) == 0:
         raise PipelineError("the dataset has no validation images; re-run prepare_data with val_fraction > 0")
     device = resolve_device(cfg.device)
@@ -169,16 +195,31 @@ def fit(
 
     params = [p for p in net.parameters() if p.requires_grad]
     opt = _make_optimizer(params, cfg)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch, epoch_images = count_epoch(len(train), cfg.batch_size, world.size)
+    if steps_per_epoch == 0:
+        raise mark_raised_on_every_rank(PipelineError(
+            f"the training split has {len(train)} image(s); training on {world.size} process(es) needs at least {world.size}"
+        ))
     sched = _make_scheduler(opt, cfg, steps_per_epoch)
     ema = None
     if cfg.ema > 0:
         ema = torch.optim.swa_utils.AveragedModel(
             net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
         )
-    step_fn = torch.compile(net) if cfg.compile else net
+    model = net
+    if distributed:
+        # BatchNorm stays per process (no SyncBatchNorm): each rank normalizes over its own
+        # batch_size / world_size images, as in most data-parallel recipes, instead of paying two
+        # extra all-reduces per BN layer and step (slow on CPU/gloo). Running statistics are synced
+        # at construction but not every step (forward_sync_buffers=False); rank 0's are broadcast
+        # before each validation, so every rank scores, saves and logs the same weights.
+        model = DistributedDataParallel(
+            net, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
+    step_fn = torch.compile(model) if cfg.compile else model
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
+    aug_gen = torch.Generator(device=device) if distributed else gen
 
     start_epoch, best, best_state, history, stale = 1, None, None, [], 0
     if resume_state is not None:
@@ -196,25 +237,40 @@ def fit(
     best_epoch = max((h["epoch"] for h in history if h.get("is_best")), default=0)
 
     frozen_depth = cfg.frozen_layers
-    show_bar = sys.stderr.isatty()
+    show_bar = sys.stderr.isatty() and world.is_main
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs + 1):
         set_train_mode(net, frozen_depth)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         t0 = time.perf_counter()
-        batches = iter_train_batches(train_x, train_y, cfg.batch_size, cfg.augment, gen)
+        if distributed:
+            # The same permutation on every rank (each then takes its shard of every global batch);
+            # per-rank augmentation and dropout draws. Seeded per epoch, so resuming draws the same.
+            gen.manual_seed(derive_seed(cfg.seed, epoch))
+            aug_gen.manual_seed(derive_seed(cfg.seed, epoch, world.rank))
+            torch.manual_seed(derive_seed(cfg.seed, epoch, world.rank))
+        batches = iter_train_batches(train_x, train_y, cfg.batch_size, cfg.augment, gen, aug_gen, (world.rank, world.size))
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not show_bar)
         for step, (x, y) in enumerate(bar, 1):
             with _autocast(device, amp_dtype):
                 logits = step_fn(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                if distributed:
+                    # The shard's summed loss, scaled so that DDP's mean of the ranks' gradients is the
+                    # gradient of the global batch's mean loss (also for an uneven last batch).
+                    batch_n = min(cfg.batch_size, len(train) - (step - 1) * cfg.batch_size)
+                    shard_sum = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="sum")
+                    loss = shard_sum * (world.size / batch_n)
+                else:
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if device.type == "cpu" or step % CUDA_FINITE_CHECK_EVERY == 0:
-                if not torch.isfinite(loss).item():
-                    raise NonFiniteLossError(
-                        f"training loss became {loss.item()} at epoch {epoch} step {step}; "
+                # Several processes: the global batch's loss, so every rank stops at the same step.
+                checked = sum_across(shard_sum.detach().clone(), world) / batch_n if distributed else loss
+                if not torch.isfinite(checked).item():
+                    raise mark_raised_on_every_rank(NonFiniteLossError(
+                        f"training loss became {checked.item()} at epoch {epoch} step {step}; "
                         f"lower lr (now {cfg.lr}) or use precision=fp32"
-                    )
+                    ))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -222,23 +278,30 @@ def fit(
                 sched.step()
             if ema is not None:
                 ema.update_parameters(net)
-            loss_sum += loss.detach().float() * len(y)
+            if distributed:
+                loss_sum += shard_sum.detach().float()
+            else:
+                loss_sum += loss.detach().float() * len(y)
             correct += (logits.argmax(1) == y).sum()
+        if distributed:
+            totals = sum_across(torch.stack([loss_sum.double(), correct.double()]), world)
+            loss_sum, correct = totals[0], totals[1].long()
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
-        train_loss = loss_sum.item() / len(train)
+        train_loss = loss_sum.item() / epoch_images
         if not math.isfinite(train_loss):
-            raise NonFiniteLossError(
+            raise mark_raised_on_every_rank(NonFiniteLossError(
                 f"training loss became {train_loss} during epoch {epoch}; lower lr (now {cfg.lr}) or use precision=fp32"
-            )
+            ))
         scored = ema.module if ema is not None else net
+        broadcast_buffers(scored, world)
         metrics = {
             "train_loss": train_loss,
-            "train_accuracy": correct.item() / len(train),
-            **evaluate_split(scored, val_x, val_y, amp_dtype, num_classes, cfg.tta),
+            "train_accuracy": correct.item() / epoch_images,
+            **evaluate_split(scored, val_x, val_y, amp_dtype, num_classes, cfg.tta, world=world),
             "lr": opt.param_groups[0]["lr"],
-            "images_per_sec": len(train) / train_time,
+            "images_per_sec": epoch_images / train_time,
         }
         if sched is not None and cfg.schedule == "plateau":
             sched.step(metrics[cfg.monitor])

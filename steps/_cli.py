@@ -1,7 +1,8 @@
 """Shared command plumbing: options generated from the config dataclasses, and error handling.
 
 A PipelineError is printed as one line on stderr and exits with status 2; set
-PIPELINE_DEBUG=1 (or pass --debug) to see the full traceback instead.
+PIPELINE_DEBUG=1 (or pass --debug) to see the full traceback instead. Under torchrun rank 0 prints
+it; another rank prints only an error of its own that rank 0 did not report.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 import click
 
+from pipeline.distributed import is_raised_on_every_rank, mark_raised_on_every_rank, read_world
 from pipeline.errors import PipelineError
 
 EXIT_USER_ERROR = 2
@@ -46,8 +48,14 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def handle_errors(fn):
-    """Turn PipelineError into one line + exit 2, Ctrl-C/SIGTERM into exit 130."""
+def handle_errors(fn=None, *, torchrun: bool = False):
+    """Turn PipelineError into one line + exit 2, Ctrl-C/SIGTERM into exit 130.
+
+    torchrun=True: the command may run as several processes under torchrun (pretrain, finetune);
+    the other commands refuse to, rather than run once per process.
+    """
+    if fn is None:
+        return functools.partial(handle_errors, torchrun=torchrun)
 
     @click.option("--debug", is_flag=True, default=False, help="show full tracebacks (also PIPELINE_DEBUG=1)")
     @functools.wraps(fn)
@@ -58,15 +66,22 @@ def handle_errors(fn):
         # SIGTERM (pre-emption, `kill`) takes the Ctrl-C path: the run ends KILLED, and the last
         # finished epoch's checkpoint is already in the run's artifacts for `resume`.
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        world = read_world()
         try:
+            if world.size > 1 and not torchrun:
+                raise mark_raised_on_every_rank(PipelineError("this step runs as one process; only pretrain and finetune run under torchrun"))
             return fn(*args, **kwargs)
         except PipelineError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            if world.is_main:
+                click.echo(f"error: {exc}", err=True)
+            elif not is_raised_on_every_rank(exc):
+                click.echo(f"error: [rank {world.rank}] {exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
-            click.echo("interrupted: the run was ended KILLED", err=True)
+            if world.is_main:  # the other ranks have no run
+                click.echo("interrupted: the run was ended KILLED", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper

@@ -15,10 +15,11 @@ FINETUNE_DEFAULTS = {"arch": "auto", "lr": 0.01, "epochs": 5}
 
 @click.command()
 @config_options(TrainConfig, defaults=FINETUNE_DEFAULTS)
-@handle_errors
+@handle_errors(torchrun=True)
 def main(**params):
     run_id = run_train(TrainConfig(**params), "finetune")
-    click.echo(f"finetune run: {run_id}")
+    if run_id:  # under torchrun only rank 0 has the run
+        click.echo(f"finetune run: {run_id}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ from steps._cli import config_options, handle_errors
 
 @click.command()
 @config_options(TrainConfig, exclude=("pretrained", "frozen_layers"))
-@handle_errors
+@handle_errors(torchrun=True)
 def main(**params):
     run_id = run_train(TrainConfig(**params), "pretrain")
-    click.echo(f"pretrain run: {run_id}")
+    if run_id:  # under torchrun only rank 0 has the run
+        click.echo(f"pretrain run: {run_id}")
 
 
 if __name__ == "__main__":

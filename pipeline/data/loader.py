@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from pipeline.distributed import shard_range
+
 # torchvision's ImageNet statistics: every model here (ImageNet weights or not) uses them, so a
 # pretrained model and its fine-tuned child always agree on input scaling.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,18 +63,31 @@ def rotate_scale(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def iter_train_batches(
-    images: torch.Tensor, labels: torch.Tensor, batch_size: int, augment: str, gen: torch.Generator
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int, augment: str, gen: torch.Generator,
+    aug_gen: torch.Generator | None = None, shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One shuffled epoch of augmented, normalized batches (the last one may be smaller)."""
+    """One shuffled epoch of augmented, normalized batches (the last one may be smaller).
+
+    gen draws the permutation and, unless aug_gen is given, the augmentation. With shard=(rank,
+    size), batch_size is the global batch: this rank gets its shard_range part of each one, and a
+    last batch with fewer images than processes is left out (every rank must take every step).
+    """
     order = torch.randperm(len(labels), device=images.device, generator=gen)
+    aug_gen = gen if aug_gen is None else aug_gen
+    rank, size = shard
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
+        if size > 1:
+            if len(idx) < size:
+                break
+            lo, hi = shard_range(len(idx), rank, size)
+            idx = idx[lo:hi]
         x = images[idx]
         if augment != "none":
-            x = crop_flip(x, gen)
+            x = crop_flip(x, aug_gen)
         x = normalize(x)
         if augment == "strong":
-            x = rotate_scale(x.contiguous(memory_format=torch.channels_last), gen)
+            x = rotate_scale(x.contiguous(memory_format=torch.channels_last), aug_gen)
         yield x.contiguous(memory_format=torch.channels_last), labels[idx]
 
 
