@@ -211,6 +211,7 @@ class TuneConfig:
     precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda")
     register_as: str = opt("", "registered model name for the best trial's model (alias `champion`); empty = do not register")
+    heartbeat: int = opt(60, "seconds between a worker's heartbeats on database storages; a trial silent for 3x as long (its worker died) is marked FAIL and retried from its last checkpoint")
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -249,6 +250,8 @@ class TuneConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
         _plain_name("register_as", self.register_as)
+        if not isinstance(self.heartbeat, int) or self.heartbeat < 1:
+            raise PipelineError(f"heartbeat={self.heartbeat} must be a whole number of seconds >= 1")
 
     @property
     def batch_size_choices(self) -> list[int]:

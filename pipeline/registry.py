@@ -63,12 +63,25 @@ def _model_source(client: MlflowClient, run_id: str) -> str:
 def register_run_model(run_id: str, name: str, description: str, tags: dict[str, str]) -> str:
     """Register the run's model under `name` (one version per run: registering again updates it)."""
     client = MlflowClient()
-    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    version = existing[0].version if existing else mlflow.register_model(_model_source(client, run_id), name).version
+    existing = _versions_of_run(client, name, run_id)
+    if existing:
+        version = existing[0]
+    else:
+        created = mlflow.register_model(_model_source(client, run_id), name).version
+        # Tune workers finishing together may each register the run: all keep the lowest version
+        # and each drops its own duplicate (a worker's search always sees its own new version).
+        version = _versions_of_run(client, name, run_id)[0]
+        if created != version:
+            client.delete_model_version(name, created)
     client.update_model_version(name, version, description=description)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     return version
+
+
+def _versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[str]:
+    found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    return sorted((v.version for v in found), key=int)
 
 
 def champion_holds(name: str, metric: str, value: float, higher_is_better: bool = True) -> str | None:

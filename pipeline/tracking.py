@@ -260,6 +260,21 @@ def log_checkpoint(path: str) -> None:
     mlflow.log_artifact(path, CHECKPOINT_DIR)
 
 
+def has_checkpoint(run_id: str) -> bool:
+    return any(a.path.endswith(LAST_CHECKPOINT) for a in MlflowClient().list_artifacts(run_id, CHECKPOINT_DIR))
+
+
+def delete_checkpoints(run_id: str) -> None:
+    """Drop a finished run's resumable checkpoint (~100 MB for a ResNet-18 with its optimizer state).
+    Best effort: stores that cannot delete keep it."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(CHECKPOINT_DIR)
+    except (MlflowException, OSError, NotImplementedError):
+        pass
+
+
 def load_resume_point(run_id: str, step: str) -> tuple[dict, dict]:
     """(stored config, last checkpoint) of an interrupted run, for `resume`."""
     run = get_run(run_id)

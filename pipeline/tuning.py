@@ -36,7 +36,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.samplers import BaseSampler
-from optuna.trial import TrialState
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import registry, tracking
 from pipeline.config import TrainConfig, TuneConfig
@@ -56,10 +57,13 @@ ATTR_WORKER = "worker"
 # A failing trial is the study's business, not the worker's: diverged training, or a batch size
 # that does not fit in GPU memory. Anything else (a bad data reference...) stops the worker.
 TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError)
-# SQL storages: workers send heartbeats, so a trial of a killed worker is marked FAIL after the
-# grace period instead of counting as running for ever. (Journal files have no heartbeat.)
-HEARTBEAT_S = 60
-GRACE_S = 180
+# SQL storages: workers send a heartbeat every cfg.heartbeat seconds; a trial silent for GRACE_BEATS
+# of them (its worker was killed) is marked FAIL by the next worker that looks, its MLflow run ended
+# FAILED, and a copy re-queued (up to MAX_RETRIES times) that continues from its last checkpoint.
+# Journal files have no heartbeat.
+GRACE_BEATS = 3
+MAX_RETRIES = 2
+ATTR_SURPLUS = "surplus"
 
 
 # --- storage, sampler, pruner -----------------------------------------------------------------
@@ -85,7 +89,7 @@ def storage_identity(storage: str) -> str:
     return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", storage)
 
 
-def open_storage(storage: str) -> optuna.storages.BaseStorage:
+def open_storage(storage: str, heartbeat: int = 60) -> optuna.storages.BaseStorage:
     path = journal_path(storage)
     if path is not None:
         if not path:
@@ -102,15 +106,54 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
             "nor a journal file (a path ending .log, or journal:PATH)"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        return _open_rdb(storage, heartbeat)
     except (ImportError, ValueError, RuntimeError) as exc:
         raise PipelineError(f"cannot open Optuna storage {storage_identity(storage)!r}: {exc}") from exc
     except Exception as exc:  # sqlalchemy's errors: bad URL, unreachable server, missing driver
         if type(exc).__module__.startswith("sqlalchemy"):
             raise PipelineError(f"cannot open Optuna storage {storage_identity(storage)!r}: {exc}") from exc
         raise
+
+
+def _open_rdb(storage: str, heartbeat: int, attempts: int = 3) -> optuna.storages.RDBStorage:
+    """RDBStorage, retried: workers started together on a new database all create its tables, and
+    all but one fail on the duplicates (seen with three on PostgreSQL); a retry finds them made."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=GRACE_BEATS * heartbeat,
+                                                  failed_trial_callback=on_stale_trial)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + random.random())
+    raise AssertionError("unreachable")
+
+
+def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A dead worker's trial was just marked FAIL: end its MLflow run FAILED (nothing stays RUNNING)
+    and re-queue it. The copy keeps params and user attrs, so it knows the run to continue from."""
+    # Re-queue first: until the copy is WAITING, another worker may start a fresh trial in its place.
+    RetryFailedTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(study, trial)
+    run_id = trial.user_attrs.get(ATTR_RUN_ID) or _run_of_dead_trial(study, trial.number)
+    if run_id:
+        client = MlflowClient()
+        client.set_terminated(run_id, "FAILED")
+        client.set_tag(run_id, TAG_STATE, "FAIL")
+        client.set_tag(run_id, "pipeline.fail_reason", f"worker {trial.user_attrs.get(ATTR_WORKER, '?')} stopped sending heartbeats")
+
+
+def _run_of_dead_trial(study: optuna.Study, number: int) -> str | None:
+    """The run of a trial whose worker died before its first epoch ended (no run id attr yet)."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{TAG_STUDY}` = '{study.study_name}' and tags.`{TAG_TRIAL}` = '{number}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -168,7 +211,7 @@ def create_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
 
 def open_study(cfg: TuneConfig) -> optuna.Study:
     """Create the study, or load it (a rerun, another worker) after checking it optimizes cfg.metric."""
-    storage = open_storage(cfg.storage)
+    storage = open_storage(cfg.storage, cfg.heartbeat)
     study = optuna.create_study(
         storage=storage, study_name=cfg.study_name, direction=cfg.direction,
         sampler=create_sampler(cfg), pruner=create_pruner(cfg), load_if_exists=True,
@@ -213,8 +256,19 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
     """The trial function; objective.started counts the trials this worker began."""
 
     def objective(trial: optuna.Trial) -> float:
+        frozen = _frozen(trial)
+        if is_surplus(trial, cfg.n_trials):
+            # Another worker started a trial in the same instant; this one would overshoot n_trials.
+            trial.set_user_attr(ATTR_SURPLUS, True)
+            trial.study.stop()
+            raise SurplusTrial(f"trial {trial.number} not run: the study already has n_trials={cfg.n_trials} finished or running")
+        if _is_fresh(frozen) and trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            # A retry (or enqueued trial) was queued while this one was being created: it goes first.
+            trial.set_user_attr(ATTR_SURPLUS, True)
+            raise SurplusTrial(f"trial {trial.number} not run: a queued trial takes its place")
         objective.started += 1
         params = suggest(trial, cfg)
+        start_from = _checkpoint_of_retried(frozen)
         trial.set_user_attr(ATTR_WORKER, worker_id())
         tags = {TAG_STUDY: cfg.study_name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING", TAG_WORKER: worker_id()}
         seen: dict[str, str] = {}
@@ -232,8 +286,10 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
         log(f"tune: trial {trial.number} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
         state = "FAIL"
         try:
+            # With heartbeats a dead worker's trial is retried from its checkpoint, so it goes up once per
+            # heartbeat interval (and is deleted when the trial ends); without, it stays local (~100 MB).
             run_id = run_train(trial_config(cfg, params), "finetune", nested=True, tags=tags, on_epoch=on_epoch, stopped=(optuna.TrialPruned,),
-                               upload_checkpoints=False)  # a trial is re-run, not resumed: save ~100 MB each
+                               upload_checkpoints=heartbeats, upload_every=cfg.heartbeat, start_from=start_from)
             seen["run_id"] = run_id
             value = mlflow.get_run(run_id).data.metrics.get(f"best_{cfg.metric}", math.nan)
             if not math.isfinite(value):
@@ -245,9 +301,43 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
             raise
         finally:
             _mark_trial_run(trial, seen.get("run_id"), state)
+            if heartbeats and seen.get("run_id"):
+                tracking.delete_checkpoints(seen["run_id"])
 
+    heartbeats = journal_path(cfg.storage) is None
     objective.started = 0
     return objective
+
+
+class SurplusTrial(Exception):
+    """A trial created past n_trials by a race between workers: ended FAIL, marked surplus, not run."""
+
+
+def is_surplus(trial: optuna.Trial, target: int) -> bool:
+    """Whether `target` lower-numbered trials are already finished or running. Trial numbers are
+    handed out by the storage one at a time, so of two workers racing for the last slot exactly
+    one sees the other's trial ahead of its own."""
+    ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    return sum(t.number < trial.number for t in ahead) >= target
+
+
+def _frozen(trial: optuna.Trial) -> FrozenTrial:
+    (frozen,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
+    return frozen
+
+
+def _is_fresh(trial: FrozenTrial) -> bool:
+    """Created by this ask(), not popped from the queue (enqueued by a user, or a retry)."""
+    return "fixed_params" not in trial.system_attrs and "failed_trial" not in trial.system_attrs
+
+
+def _checkpoint_of_retried(trial: FrozenTrial) -> str:
+    """For the retry of a dead worker's trial: the dead trial's run (its user attrs were copied to
+    the retry), if it left a checkpoint."""
+    if trial.system_attrs.get("failed_trial") is None:  # set by RetryFailedTrialCallback
+        return ""
+    run_id = trial.user_attrs.get(ATTR_RUN_ID, "")
+    return run_id if run_id and tracking.has_checkpoint(run_id) else ""
 
 
 def _mark_trial_run(trial: optuna.Trial, run_id: str | None, state: str) -> None:
@@ -281,9 +371,11 @@ def _run_of_trial(number: int) -> str | None:
 # --- how many trials are left -------------------------------------------------------------
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
-    counts = {s.name.lower(): 0 for s in TrialState}
+    """Trials by state; FAIL trials that were never run (surplus of a race) are counted apart."""
+    counts = {s.name.lower(): 0 for s in TrialState} | {"surplus": 0}
     for t in study.get_trials(deepcopy=False):
-        counts[t.state.name.lower()] += 1
+        surplus = t.state == TrialState.FAIL and t.user_attrs.get(ATTR_SURPLUS)
+        counts["surplus" if surplus else t.state.name.lower()] += 1
     return counts
 
 
@@ -484,6 +576,17 @@ def log_plots(study: optuna.Study, log: Callable[[str], None]) -> None:
             plt.close("all")
 
 
+def is_registrar(study: optuna.Study, ran: int) -> bool:
+    """Whether this worker registers the study's best model: the one that finished the study's last
+    trial, or a worker that ran none while none run (a rerun). Workers ending together would
+    otherwise register concurrently, which MLflow's registry does not survive (duplicate tags)."""
+    if ran == 0:
+        return not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    last = max(finished, key=lambda t: t.datetime_complete, default=None)
+    return last is not None and last.user_attrs.get(ATTR_WORKER) == worker_id()
+
+
 def register_best(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> str | None:
     """Register the best trial's model under cfg.register_as when it beats the champion on cfg.metric
     (one version per run), scored on the test split first: the test metrics go to the trial's run and,
@@ -539,33 +642,50 @@ def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult
     tracking.model_uri(cfg.pretrained)  # an unknown or malformed model reference
     study = open_study(cfg)
     parent_id = find_or_create_parent(cfg, log)
-    mine = 0
     with parent_run(parent_id):
         log_study_params(parent_id, cfg, log)
         log_study_dataset(cfg)
-        todo = trials_to_start(study, cfg.n_trials)
-        if todo <= 0:
-            c = trial_counts(study)
-            log(f"tune: the study holds {c['complete'] + c['pruned']} finished and {c['running']} running trial(s) "
-                f"of n_trials={cfg.n_trials}: nothing left to start (raise n_trials to continue)")
-        else:
-            objective = make_objective(cfg, log)
-            study.optimize(
-                objective,
-                timeout=cfg.timeout or None,
-                catch=TRIAL_ERRORS,
-                callbacks=[StopAtTarget(cfg.n_trials), _log_trial(log)],
-                gc_after_trial=True,
-            )
-            mine = objective.started
+        mine = run_trials(study, cfg, log)
         log_summary(study, cfg, log)
-        version = register_best(study, cfg, log)
+        version = register_best(study, cfg, log) if is_registrar(study, mine) else None
     result = TuneResult(cfg.study_name, parent_id, mine, trial_counts(study), registered_version=version)
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         best = study.best_trial
         result.best_number, result.best_value, result.best_params = best.number, best.value, dict(best.params)
         result.best_run_id = best.user_attrs.get(ATTR_RUN_ID)
     return result
+
+
+def run_trials(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> int:
+    """Start trials until the study holds cfg.n_trials finished ones; returns how many this worker ran.
+
+    With heartbeats (SQL storages) a worker with nothing left to start waits while other workers'
+    trials run: if one of those workers dies, its trial is failed after the grace period and
+    re-queued, and a waiting worker runs the retry. So a study finishes while any worker lives.
+    """
+    objective = make_objective(cfg, log)
+    heartbeats = journal_path(cfg.storage) is None
+    deadline = time.monotonic() + cfg.timeout if cfg.timeout else math.inf
+    waiting_said = False
+    while time.monotonic() < deadline:
+        if trials_to_start(study, cfg.n_trials) > 0:
+            left = deadline - time.monotonic()
+            study.optimize(objective, timeout=None if math.isinf(left) else left, catch=(*TRIAL_ERRORS, SurplusTrial),
+                           callbacks=[StopAtTarget(cfg.n_trials), _log_trial(log)], gc_after_trial=True)
+            continue
+        running = trial_counts(study)["running"]
+        if not (heartbeats and running):
+            break
+        if not waiting_said:
+            log(f"tune: waiting for {running} trial(s) running in other workers (a dead worker's trial is "
+                f"retried here after {GRACE_BEATS * cfg.heartbeat} s without heartbeat)")
+            waiting_said = True
+        time.sleep(cfg.heartbeat)
+    if objective.started == 0:
+        c = trial_counts(study)
+        log(f"tune: the study holds {c['complete'] + c['pruned']} finished and {c['running']} running trial(s) "
+            f"of n_trials={cfg.n_trials}: nothing left to start (raise n_trials to continue)")
+    return objective.started
 
 
 def _log_trial(log: Callable[[str], None]):

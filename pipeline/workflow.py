@@ -63,12 +63,16 @@ def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch
 
 
 def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | None = None, on_epoch=None,
-              stopped: tuple[type[BaseException], ...] = (), upload_checkpoints: bool = True) -> str | None:
+              stopped: tuple[type[BaseException], ...] = (), upload_checkpoints: bool = True,
+              upload_every: float = CHECKPOINT_UPLOAD_S, start_from: str = "") -> str | None:
     """pretrain (all layers from scratch or ImageNet) or finetune (from `pretrained`, first k stages frozen).
 
     on_epoch may raise one of the `stopped` exception types to end training early on purpose (pruning):
     the run then ends KILLED instead of FAILED, and the exception propagates.
-    upload_checkpoints=False keeps the resumable checkpoint local (tuning trials: ~100 MB each).
+    upload_checkpoints=False keeps the resumable checkpoint local (tuning trials: ~100 MB each);
+    otherwise it goes up at most every `upload_every` seconds, and on interruption.
+    start_from: an unfinished run of this step whose last checkpoint a NEW run continues from (the
+    retry of a dead worker's trial), unlike cfg.resume, which reopens the interrupted run itself.
 
     Under torchrun every process runs this and trains on its shard of each global batch; only rank 0
     starts, logs to and ends the MLflow run, writes checkpoints, calls on_epoch and returns the run
@@ -79,6 +83,9 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     if cfg.resume:
         stored, resume_state = tracking.load_resume_point(cfg.resume, step)
         cfg = TrainConfig(**{**stored, "resume": cfg.resume})
+    elif start_from:
+        _, resume_state = tracking.load_resume_point(start_from, step)
+        tags = {**(tags or {}), "pipeline.resumed_from": start_from}
     if step == "finetune" and not cfg.pretrained:
         raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI")
     if step == "pretrain" and (cfg.pretrained or cfg.frozen_layers):
@@ -126,8 +133,8 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
                 nonlocal last_upload
                 tracking.log_metrics(metrics, step=epoch)
                 # fit() wrote the checkpoint atomically just before. Uploading it costs ~0.3 s per
-                # 100 MB, so it goes up at most once a CHECKPOINT_UPLOAD_S, and on interruption.
-                if upload_checkpoints and time.monotonic() - last_upload >= CHECKPOINT_UPLOAD_S:
+                # 100 MB, so it goes up at most once every upload_every seconds, and on interruption.
+                if upload_checkpoints and time.monotonic() - last_upload >= upload_every:
                     tracking.log_checkpoint(ckpt)
                     last_upload = time.monotonic()
                 if on_epoch is not None:

@@ -6,7 +6,9 @@ and on the parent: best value and params, study/trials.csv and Optuna's plots un
 With register_as, the best trial's model is registered and alias `champion` follows the best.
 
 n_trials is the study's total: rerunning adds trials only up to it, and the same command in
-several processes on one storage (a journal file is best) adds workers to the same study.
+several processes on one storage (a journal file on one machine; PostgreSQL across machines) adds
+workers to the same study. On database storages a killed worker's trial is retried from its last
+checkpoint by another worker (see --heartbeat).
 """
 
 import click

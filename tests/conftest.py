@@ -78,3 +78,45 @@ def trained() -> TrainedRuns:
     fin = run_train(TrainConfig(epochs=1, lr=0.01, pretrained=pre, frozen_layers=3, arch="auto", **tiny), "finetune")
     ev = run_evaluate(EvaluateConfig(model=fin, data=prep, device="cpu", precision="fp32"))
     return TrainedRuns(exp_id, prep, pre, fin, ev)
+
+
+def _use_store(uri: str, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    mlflow.set_tracking_uri(uri)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> dict:
+    """For tuning: local copies of a 10-class digits dataset (8x8 px) and of a model pretrained on 5
+    classes, so every trial trains a fresh head. Local folders work in any MLflow store."""
+    from pipeline.config import PrepareConfig, TrainConfig
+    from pipeline.workflow import run_prepare, run_train
+
+    root = tmp_path_factory.mktemp("tune-inputs")
+    prev = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        _use_store(f"sqlite:///{root}/mlflow.db", mp)
+        try:
+            five = run_prepare(PrepareConfig(source="digits", image_size=8, classes="0,1,2,3,4", samples_per_class=40))
+            ten = run_prepare(PrepareConfig(source="digits", image_size=8, samples_per_class=30))
+            pre = run_train(TrainConfig(data=five, epochs=2, lr=0.05, batch_size=64, augment="none", precision="fp32", device="cpu"), "pretrain")
+            data = mlflow.artifacts.download_artifacts(f"runs:/{ten}/dataset", dst_path=str(root / "data"))
+            model = mlflow.artifacts.download_artifacts(f"runs:/{pre}/model", dst_path=str(root / "pretrained"))
+        finally:
+            mlflow.set_tracking_uri(prev)
+    return {"data": data, "pretrained": model}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow store (and registry) for one test."""
+    prev = mlflow.get_tracking_uri()
+    _use_store(f"sqlite:///{tmp_path}/mlflow.db", monkeypatch)
+    yield str(tmp_path)
+    while mlflow.active_run():
+        mlflow.end_run("FAILED")
+    mlflow.set_tracking_uri(prev)

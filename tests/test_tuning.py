@@ -20,10 +20,9 @@ import torch
 from optuna.trial import TrialState
 
 from pipeline import tracking
-from pipeline.config import PrepareConfig, TrainConfig, TuneConfig
+from pipeline.config import TuneConfig
 from pipeline.errors import PipelineError
 from pipeline.tuning import ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL, run_study, storage_identity, trial_seed
-from pipeline.workflow import run_prepare, run_train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CPU = dict(augment="none", precision="fp32", device="cpu")
@@ -38,44 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _use_store(uri: str, monkeypatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    mlflow.set_tracking_uri(uri)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> dict:
-    """Local copies of a 10-class dataset and of a model pretrained on 5 classes."""
-    root = tmp_path_factory.mktemp("tune-inputs")
-    prev = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        _use_store(f"sqlite:///{root}/mlflow.db", mp)
-        try:
-            five = run_prepare(PrepareConfig(source="digits", image_size=8, classes="0,1,2,3,4", samples_per_class=40))
-            ten = run_prepare(PrepareConfig(source="digits", image_size=8, samples_per_class=30))
-            pre = run_train(TrainConfig(data=five, epochs=2, lr=0.05, batch_size=64, **CPU), "pretrain")
-            data = mlflow.artifacts.download_artifacts(f"runs:/{ten}/dataset", dst_path=str(root / "data"))
-            model = mlflow.artifacts.download_artifacts(f"runs:/{pre}/model", dst_path=str(root / "pretrained"))
-        finally:
-            mlflow.set_tracking_uri(prev)
-    return {"data": data, "pretrained": model}
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
-    """A fresh MLflow store (and registry) for one test."""
-    prev = mlflow.get_tracking_uri()
-    _use_store(f"sqlite:///{tmp_path}/mlflow.db", monkeypatch)
-    yield str(tmp_path)
-    while mlflow.active_run():
-        mlflow.end_run("FAILED")
-    mlflow.set_tracking_uri(prev)
 
 
 def _runs(**tags) -> list:
