@@ -325,12 +325,24 @@ def step_run(step: str, run_name: str | None = None, tags: dict | None = None, n
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     # The name is set as a tag: under `mlflow run` this attaches to the launcher's run (MLFLOW_RUN_ID).
     # With run_id, an interrupted run is reopened (resume) instead of starting a new one.
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if run_id and launcher and launcher != run_id:
+        _point_to(launcher, run_id, step)
     run = mlflow.start_run(run_id=run_id, nested=nested, tags={TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})},
                            log_system_metrics=system_metrics)
     if run_name:
         mlflow.set_tag("mlflow.runName", run_name)
     with ending_run(stopped):
         yield run
+
+
+def _point_to(launcher_run: str, resumed_run: str, step: str) -> None:
+    """`mlflow run -P resume=ID` made a run of its own before the step reopened run ID: name that
+    launcher run for what it is, a pointer, so nobody takes it for a failed or empty training."""
+    client = MlflowClient()
+    client.set_tag(launcher_run, "mlflow.runName", f"{step} resume -> {resumed_run[:8]}")
+    client.set_tag(launcher_run, "pipeline.resumed_run", resumed_run)
+    client.set_tag(launcher_run, "mlflow.note.content", f"Resumed run {resumed_run}; its metrics and model are there.")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from pipeline.config import PrepareConfig
 from pipeline.workflow import run_prepare
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+
 ARGS = ["--epochs", "4", "--batch-size", "32", "--device", "cpu", "--precision", "fp32", "--lr", "0.02"]
 
 
@@ -29,6 +29,7 @@ def _history(run_id):
     return {m.step: m.value for m in MlflowClient().get_metric_history(run_id, "val_loss")}
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(experiment):
     data = run_prepare(PrepareConfig(source="digits", image_size=8, classes="0,1,2,3"))
     env = {**os.environ, "MLFLOW_EXPERIMENT_ID": experiment}
@@ -71,3 +72,20 @@ def test_resume_of_a_finished_run_is_refused(experiment):
         pass
     with pytest.raises(PipelineError, match="already FINISHED; nothing to resume"):
         tracking.load_resume_point(run.info.run_id, "pretrain")
+
+
+def test_resume_under_mlflow_run_names_the_launchers_run_a_pointer(experiment, monkeypatch):
+    """`mlflow run -P resume=ID` creates a run before the step reopens run ID: that run is labelled."""
+    from pipeline import tracking
+
+    client = MlflowClient()
+    interrupted = client.create_run(experiment, tags={"pipeline.step": "pretrain"}).info.run_id
+    client.set_terminated(interrupted, "KILLED")
+    launcher = client.create_run(experiment).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
+    with tracking.step_run("pretrain", "pretrain resnet18", run_id=interrupted) as run:
+        assert run.info.run_id == interrupted
+    tags = client.get_run(launcher).data.tags
+    assert tags["pipeline.resumed_run"] == interrupted
+    assert tags["mlflow.runName"] == f"pretrain resume -> {interrupted[:8]}"
+    assert client.get_run(interrupted).info.status == "FINISHED"

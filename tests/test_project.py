@@ -65,12 +65,9 @@ def test_unknown_run_id_fails_the_run(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert f"error: no MLflow run '{'f' * 32}'" in r.stderr
-    mlflow.set_tracking_uri(env_uri)
-    try:
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-        assert [run.info.status for run in runs] == ["FAILED"]
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = mlflow.MlflowClient(tracking_uri=env_uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=env_uri).search_experiments()])
+    assert [run.info.status for run in runs] == ["FAILED"]
 
 
 @pytest.mark.parametrize("args, fragment", [
