@@ -247,6 +247,19 @@ def log_params(params: dict) -> None:
     mlflow.log_params({k: _param_text(v) for k, v in params.items() if k not in existing})
 
 
+def set_note(text: str) -> None:
+    """The active run's description in the MLflow UI (Markdown)."""
+    mlflow.set_tag("mlflow.note.content", text)
+
+
+def run_name_of(run_id: str) -> str:
+    """A run's name, or "" when it is not in this store (a model from elsewhere)."""
+    try:
+        return mlflow.get_run(run_id).info.run_name or ""
+    except MlflowException:
+        return ""
+
+
 def log_config(params: dict, name: str = "config.yaml") -> None:
     mlflow.log_dict(params, name)
 

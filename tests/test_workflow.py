@@ -56,6 +56,10 @@ def test_finetune_consumes_pretrain_and_keeps_frozen_stages(trained):
     run = mlflow.get_run(trained.finetune)
     assert run.info.status == "FINISHED"
     assert run.data.tags["pipeline.upstream.pretrained_run"] == trained.pretrain
+    # The UI's description says where it came from and how it did.
+    note = run.data.tags["mlflow.note.content"]
+    assert f"runs:/{trained.pretrain}/model" in note and "first 3 of 5 stages frozen" in note
+    assert f"val macro-F1 {run.data.metrics['best_val_f1_macro']:.4f}" in note
     assert run.data.params["frozen_layers"] == "3" and run.data.params["arch"] == "resnet18"
     pre_params = int(mlflow.get_run(trained.pretrain).data.params["trainable_params"])
     assert 0 < int(run.data.params["trainable_params"]) < pre_params
@@ -69,6 +73,8 @@ def test_finetune_consumes_pretrain_and_keeps_frozen_stages(trained):
 def test_evaluate_metrics_equal_sklearn_on_independent_predictions(trained):
     run = mlflow.get_run(trained.evaluate)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"evaluate test: {mlflow.get_run(trained.finetune).info.run_name}"
+    assert f"accuracy {run.data.metrics['test_accuracy']:.4f}" in run.data.tags["mlflow.note.content"]
     m = run.data.metrics
     ds, _ = load_dataset(mlflow.artifacts.download_artifacts(f"runs:/{trained.prepare}/dataset"), ("test",))
     test = ds.splits["test"]
