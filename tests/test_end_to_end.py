@@ -21,7 +21,10 @@ TINY = ["-P", "batch_size=64", "-P", "augment=none", "-P", "precision=fp32", "-P
 
 def _mlflow_run(entry, experiment, *params):
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    # Without the experiment id mlflow.set_experiment() exports (earlier tests' fixtures): `mlflow run`
+    # refuses --experiment-name beside MLFLOW_EXPERIMENT_ID.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    env["PATH"] = bin_dir + os.pathsep + os.environ["PATH"]
     cmd = [os.path.join(bin_dir, "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", experiment, *params]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
