@@ -41,8 +41,12 @@ def source_fingerprint(source: str) -> str:
     return h.hexdigest()[:16]
 
 
+# Parameters that change what a run records, not what it computes: a rerun that only flips them reuses.
+NOT_IN_CACHE_KEY = ("system_metrics",)
+
+
 def _reuse_or_run(step: str, params: dict, upstream: dict, experiment_id: str, run: Callable[[dict], str], log) -> str:
-    key = tracking.cache_key(step, params, upstream)
+    key = tracking.cache_key(step, {k: v for k, v in params.items() if k not in NOT_IN_CACHE_KEY}, upstream)
     found = tracking.find_finished_run(key, experiment_id)
     if found:
         log(f"main: reusing {step} run {found} (same parameters, inputs and code)")

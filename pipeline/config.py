@@ -211,6 +211,7 @@ class TuneConfig:
     precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda")
     register_as: str = opt("", "registered model name for the best trial's model (alias `champion`); empty = do not register")
+    system_metrics: bool = opt(True, "every trial run logs CPU/memory (and GPU with pynvml) as system/* metrics; false = off")
     heartbeat: int = opt(60, "seconds between a worker's heartbeats on database storages; a trial silent for 3x as long (its worker died) is marked FAIL and retried from its last checkpoint")
 
     def __post_init__(self) -> None:

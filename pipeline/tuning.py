@@ -244,7 +244,8 @@ def trial_config(cfg: TuneConfig, params: dict) -> TrainConfig:
     """Every trial trains with the same seed, so trials differ by their hyperparameters alone."""
     return TrainConfig(
         data=cfg.data, pretrained=cfg.pretrained, arch=cfg.arch, epochs=cfg.epochs, monitor=cfg.metric,
-        augment=cfg.augment, precision=cfg.precision, device=cfg.device, seed=cfg.seed, **params,
+        augment=cfg.augment, precision=cfg.precision, device=cfg.device, seed=cfg.seed,
+        system_metrics=cfg.system_metrics, **params,
     )
 
 

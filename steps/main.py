@@ -35,11 +35,14 @@ from steps._cli import handle_errors
 @click.option("--seed", default=0, show_default=True, help="seed for splits, init, shuffling, augmentation")
 @click.option("--register-as", default="", show_default=True,
               help="registered model name for the fine-tuned model, described with its test metrics (alias `champion` moves on better test macro-F1); empty = do not register")
+@click.option("--system-metrics", type=click.BOOL, default=True, show_default=True,
+              help="training runs log CPU/memory (and GPU with pynvml) as system/* metrics; false = off")
 @handle_errors
 def main(source, data_dir, image_size, val_fraction, test_fraction, classes, samples_per_class, arch, weights,
          pretrain_epochs, finetune_epochs, batch_size, pretrain_lr, finetune_lr, augment, frozen_layers, precision, device, seed,
-         register_as):
-    shared = dict(arch=arch, batch_size=batch_size, augment=augment, precision=precision, device=device, seed=seed)
+         register_as, system_metrics):
+    shared = dict(arch=arch, batch_size=batch_size, augment=augment, precision=precision, device=device, seed=seed,
+                  system_metrics=system_metrics)
     cfg = ChainConfig(
         prepare=PrepareConfig(source=source, data_dir=data_dir, image_size=image_size, val_fraction=val_fraction,
                               test_fraction=test_fraction, classes=classes, samples_per_class=samples_per_class, seed=seed),
