@@ -21,6 +21,12 @@ CHAMPION = "champion"
 TEST_METRICS = ("test_accuracy", "test_f1_macro", "test_precision_macro", "test_recall_macro")
 
 
+def require_test_split(manifest: dict) -> None:
+    if not sum(manifest.get("counts", {}).get("test", [])):
+        raise PipelineError("register_as scores the model on the test split, and this dataset has none; "
+                            "re-run prepare_data with test_fraction > 0 (or register without register_as)")
+
+
 def evaluate_run_on_test(run_id: str, data: str, device: str = "auto", precision: str = "auto"):
     """The run's logged model scored on the dataset's test split: (EvaluationReport, test images, class names)."""
     state, meta = tracking.load_model_ref(run_id)

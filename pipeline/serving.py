@@ -40,7 +40,7 @@ def as_image_batch(images) -> np.ndarray:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise PipelineError("pixel values must be in 0-255 (uint8 RGB); scale [0, 1] floats by 255 first")
         arr = arr.astype(np.uint8)
-    return arr
+    return np.ascontiguousarray(arr)  # torch.from_numpy refuses views with negative strides (img[..., ::-1])
 
 
 def read_images(paths: list[str], size: int = 0) -> np.ndarray:

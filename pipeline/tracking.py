@@ -161,7 +161,10 @@ def load_model_ref(ref: str) -> tuple[dict, dict]:
     num_classes, class_names, image_size, dropout and source_run_id."""
     uri = model_uri(ref)
     path = Path(_download(uri, "model"))
-    meta_path = path / MODEL_ARTIFACTS / META_FILE
+    folder = path / MODEL_ARTIFACTS
+    if not (folder / META_FILE).is_file() and (path / "extra_files" / META_FILE).is_file():
+        folder = path / "extra_files"  # models logged before the pyfunc (MLflow PyTorch flavor)
+    meta_path = folder / META_FILE
     if not meta_path.is_file():
         kind = "a dataset" if (path / "manifest.json").is_file() else "not a model logged by this pipeline"
         raise PipelineError(f"{ref!r} is {kind}; pass a pretrain/finetune run id or its model URI")
@@ -169,7 +172,7 @@ def load_model_ref(ref: str) -> tuple[dict, dict]:
     mlmodel = yaml.safe_load((path / "MLmodel").read_text())
     meta["source_run_id"] = mlmodel.get("run_id", "")
     meta["model_uri"] = uri
-    state = torch.load(path / MODEL_ARTIFACTS / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     return state, meta
 
 

@@ -182,7 +182,7 @@ def fit(
     """
     distributed = world.size > 1
     if len(val) == 0:
-        raise PipelineError("the dataset has no validation images; re-run prepare_data with val_fraction > 0")
+        raise mark_raised_on_every_rank(PipelineError("the dataset has no validation images; re-run prepare_data with val_fraction > 0"))
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp_dtype(cfg.precision, device)
     if device.type == "cuda":

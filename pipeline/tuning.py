@@ -18,7 +18,9 @@ one storage split the work between them.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
+import logging
 import math
 import os
 import random
@@ -36,7 +38,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.samplers import BaseSampler
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import registry, tracking
@@ -125,7 +127,7 @@ def _open_rdb(storage: str, heartbeat: int, attempts: int = 3) -> optuna.storage
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=GRACE_BEATS * heartbeat,
-                                                  failed_trial_callback=on_stale_trial)
+                                                  heartbeat_stale_trial_callback=on_stale_trial)
         except (IntegrityError, ProgrammingError):
             if attempt == attempts - 1:
                 raise
@@ -137,8 +139,10 @@ def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """A dead worker's trial was just marked FAIL: end its MLflow run FAILED (nothing stays RUNNING)
     and re-queue it. The copy keeps params and user attrs, so it knows the run to continue from."""
     # Re-queue first: until the copy is WAITING, another worker may start a fresh trial in its place.
-    RetryFailedTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(study, trial)
-    run_id = trial.user_attrs.get(ATTR_RUN_ID) or _run_of_dead_trial(study, trial.number)
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(study, trial)
+    # By tags, not the run id attr: a retry that died before its first epoch still carries the
+    # previous (already FAILED) run's id, copied from the trial it retries.
+    run_id = _run_of_dead_trial(study, trial.number)
     if run_id:
         client = MlflowClient()
         client.set_terminated(run_id, "FAILED")
@@ -148,9 +152,12 @@ def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
 
 def _run_of_dead_trial(study: optuna.Study, number: int) -> str | None:
     """The run of a trial whose worker died before its first epoch ended (no run id attr yet)."""
+    parent = mlflow.active_run()  # the study's parent run: stale trials are found inside run_trials
+    scope = f" and tags.`mlflow.parentRunId` = '{parent.info.run_id}'" if parent else ""
     runs = mlflow.search_runs(
         search_all_experiments=True,
-        filter_string=f"tags.`{TAG_STUDY}` = '{study.study_name}' and tags.`{TAG_TRIAL}` = '{number}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{TAG_STUDY}` = '{study.study_name}' and tags.`{TAG_TRIAL}` = '{number}' "
+                      f"and attributes.status = 'RUNNING'{scope}",
         output_format="list",
     )
     return runs[0].info.run_id if runs else None
@@ -226,6 +233,13 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
         )
     if study.direction.name.lower() != cfg.direction:
         raise PipelineError(f"study {cfg.study_name!r} was created to {study.direction.name.lower()}; pick a new study_name")
+    # Other workers judge this worker's trials dead by the heartbeat they use: all must use one.
+    heartbeat = study.user_attrs.get("heartbeat")
+    if heartbeat is None:
+        study.set_user_attr("heartbeat", cfg.heartbeat)
+    elif heartbeat != cfg.heartbeat:
+        raise PipelineError(f"study {cfg.study_name!r} runs with heartbeat={heartbeat}, not {cfg.heartbeat}; "
+                            f"pass heartbeat={heartbeat} (every worker of a study must use the same)")
     return study
 
 
@@ -270,6 +284,8 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
         objective.started += 1
         params = suggest(trial, cfg)
         start_from = _checkpoint_of_retried(frozen)
+        if frozen.user_attrs.get(ATTR_RUN_ID):
+            trial.set_user_attr(ATTR_RUN_ID, "")  # the retried trial's run, not this one's
         trial.set_user_attr(ATTR_WORKER, worker_id())
         tags = {TAG_STUDY: cfg.study_name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING", TAG_WORKER: worker_id()}
         seen: dict[str, str] = {}
@@ -302,8 +318,9 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
             raise
         finally:
             _mark_trial_run(trial, seen.get("run_id"), state)
-            if heartbeats and seen.get("run_id"):
-                tracking.delete_checkpoints(seen["run_id"])
+            for done in (seen.get("run_id"), start_from):
+                if heartbeats and done:
+                    tracking.delete_checkpoints(done)
 
     heartbeats = journal_path(cfg.storage) is None
     objective.started = 0
@@ -495,6 +512,8 @@ def log_study_dataset(cfg: TuneConfig) -> None:
         except (MlflowException, OSError) as exc:
             raise PipelineError(f"no dataset manifest at {uri!r} ({type(exc).__name__}); pass a prepare_data run id or its dataset URI") from exc
     manifest = read_manifest(folder)
+    if cfg.register_as:
+        registry.require_test_split(manifest)  # before any trial, not after the study
     retry_once(lambda: tracking.log_dataset_input(manifest, uri, context="tuning"))
 
 
@@ -577,14 +596,16 @@ def log_plots(study: optuna.Study, log: Callable[[str], None]) -> None:
             plt.close("all")
 
 
-def is_registrar(study: optuna.Study, ran: int) -> bool:
+def is_registrar(study: optuna.Study, ran: int, started: datetime.datetime) -> bool:
     """Whether this worker registers the study's best model: the one that finished the study's last
-    trial, or a worker that ran none while none run (a rerun). Workers ending together would
-    otherwise register concurrently, which MLflow's registry does not survive (duplicate tags)."""
-    if ran == 0:
-        return not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    trial, or, for a rerun of a finished study, a worker that ran none while no trial ran or ended
+    since it `started`. Workers ending together would otherwise register concurrently, which MLflow's
+    registry does not survive (duplicate tags)."""
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     last = max(finished, key=lambda t: t.datetime_complete, default=None)
+    if ran == 0:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return not running and (last is None or last.datetime_complete < started)
     return last is not None and last.user_attrs.get(ATTR_WORKER) == worker_id()
 
 
@@ -642,13 +663,14 @@ def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult
     tracking.dataset_uri(cfg.data)  # an unknown data run id,
     tracking.model_uri(cfg.pretrained)  # an unknown or malformed model reference
     study = open_study(cfg)
+    started = datetime.datetime.now()  # Optuna's trial times are naive local times too
     parent_id = find_or_create_parent(cfg, log)
     with parent_run(parent_id):
         log_study_params(parent_id, cfg, log)
         log_study_dataset(cfg)
         mine = run_trials(study, cfg, log)
         log_summary(study, cfg, log)
-        version = register_best(study, cfg, log) if is_registrar(study, mine) else None
+        version = register_best(study, cfg, log) if is_registrar(study, mine, started) else None
     result = TuneResult(cfg.study_name, parent_id, mine, trial_counts(study), registered_version=version)
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         best = study.best_trial
@@ -696,7 +718,20 @@ def _log_trial(log: Callable[[str], None]):
         elif trial.state == TrialState.PRUNED and trial.intermediate_values:
             epoch = max(trial.intermediate_values)
             log(f"tune: trial {trial.number} PRUNED after epoch {epoch} ({trial.intermediate_values[epoch]:.4f})")
+        elif trial.user_attrs.get(ATTR_SURPLUS):
+            log(f"tune: trial {trial.number} not run (another worker's trial or a queued retry took its place)")
         else:
             log(f"tune: trial {trial.number} {trial.state.name}")
 
     return callback
+
+
+class _QuietSurplus(logging.Filter):
+    """Optuna logs every caught trial exception as a failure with its traceback; a surplus trial is
+    routine bookkeeping, reported by _log_trial in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], SurplusTrial))
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())

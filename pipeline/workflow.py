@@ -109,6 +109,8 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     with distributed.joining_process_group(world, device), step_run(step, name, tags, nested, stopped, run_id=cfg.resume or None, system_metrics=cfg.system_metrics) as run:
         with distributed.failing_together(world):
             ds, manifest, data_uri = tracking.load_dataset_ref(cfg.data, ("train", "val"))
+            if cfg.register_as:
+                registry.require_test_split(manifest)  # before training, not after it
             upstream = {"pipeline.upstream.data": data_uri}
             seed_everything(cfg.seed)
             if step == "finetune":
@@ -124,7 +126,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
                 tracking.log_params(cfg.to_params())
                 tracking.log_params({"num_classes": ds.num_classes, "trainable_params": count_trainable(net),
                                      "train_images": len(ds.splits["train"]), "world_size": world.size})
-                if resume_state is None:
+                if not cfg.resume:  # a new run (a trial's retry too) records its config and data
                     tracking.log_config(cfg.to_params())
                     tracking.log_dataset_input(manifest, data_uri, context="training")
 

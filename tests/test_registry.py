@@ -71,3 +71,17 @@ def test_main_registers_the_evaluated_model_with_its_test_metrics(trained):
     assert f"f1_macro {metrics['test_f1_macro']:.4f}" in mv.description and "(180 images)" in mv.description
     with pytest.raises(PipelineError, match="has no test metrics"):
         registry.register_evaluated(trained.finetune, trained.prepare, "digits-main", 180)
+
+
+def test_register_as_without_a_test_split_fails_before_training(trained, experiment):
+    from pipeline.config import PrepareConfig
+    from pipeline.workflow import run_prepare
+
+    no_test = run_prepare(PrepareConfig(source="digits", image_size=8, test_fraction=0.0, samples_per_class=10))
+    cfg = TrainConfig(data=no_test, pretrained=trained.pretrain, arch="auto", epochs=1, batch_size=32, augment="none",
+                      register_as="never-registered", **CPU)
+    with pytest.raises(PipelineError, match="re-run prepare_data with test_fraction > 0"):
+        run_train(cfg, "finetune")
+    (run,) = [r for r in mlflow.search_runs([experiment], output_format="list") if r.data.tags.get("pipeline.step") == "finetune"]
+    assert run.info.status == "FAILED" and "train_loss" not in run.data.metrics  # stopped before the first epoch
+    assert not MlflowClient().search_model_versions("name='never-registered'")

@@ -209,3 +209,17 @@ def test_tracking_server_serves_runs_metrics_and_confusion_matrix(trained, tmp_p
         assert sum(int(v) for row in rows for v in row[1:]) == int(mlflow.get_run(trained.prepare).data.metrics["test_images"])
     finally:
         _stop(proc)
+
+
+def test_models_logged_before_the_pyfunc_still_load(trained, tmp_path):
+    """Earlier versions logged an MLflow PyTorch model with the state dict under extra_files/."""
+    import shutil
+
+    from pipeline import tracking
+
+    old = tmp_path / "old-model"
+    shutil.copytree(mlflow.artifacts.download_artifacts(f"runs:/{trained.finetune}/model"), old)
+    (old / "artifacts").rename(old / "extra_files")
+    state, meta = tracking.load_model_ref(str(old))
+    current, _ = tracking.load_model_ref(trained.finetune)
+    assert meta["arch"] == "resnet18" and all(torch.equal(state[k], current[k]) for k in current)
