@@ -10,7 +10,7 @@ import torch
 
 from pipeline.metrics import average_precision, confusion, per_class_table, report_text, summary_metrics
 from pipeline.plots import pyplot
-from pipeline.train import predict_logits
+from pipeline.train import predict_logits, resolve_amp_dtype
 
 MAX_PER_CLASS_METRICS = 20  # beyond this many classes, per-class numbers go to the CSV table only
 
@@ -24,6 +24,13 @@ class EvaluationReport:
     probabilities: np.ndarray
     labels: np.ndarray
     average_precision: np.ndarray  # per class, one vs rest; NaN for a class with no true images
+
+
+def score_net(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, device: torch.device,
+              precision: str, tta=False, batch_size=512) -> EvaluationReport:
+    """evaluate_images with the network moved to `device` (channels_last) under `precision`'s autocast."""
+    net.to(device, memory_format=torch.channels_last)
+    return evaluate_images(net, images, labels, class_names, prefix, resolve_amp_dtype(precision, device), tta, batch_size)
 
 
 def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, amp_dtype, tta=False, batch_size=512) -> EvaluationReport:

@@ -115,6 +115,13 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
     model.fc[-1] = nn.Linear(linear.in_features, num_classes)
 
 
+def build_logged_net(meta: dict, state: dict) -> nn.Module:
+    """The network of a logged model, from its metadata (arch, num_classes, dropout) and state dict."""
+    net = create_model(meta["arch"], meta["num_classes"], meta.get("dropout", 0.0))
+    net.load_state_dict(state)
+    return net
+
+
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -7,15 +7,14 @@ finetune/pretrain (`register_as`) and tune (`register_as`, best trial) both regi
 from __future__ import annotations
 
 import mlflow
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
 from pipeline.errors import PipelineError
-from pipeline.evaluation import evaluate_images
-from pipeline.models import create_model
-from pipeline.train import resolve_amp_dtype, resolve_device
+from pipeline.evaluation import score_net
+from pipeline.models import build_logged_net
+from pipeline.train import resolve_device
 
 CHAMPION = "champion"
 TEST_METRICS = ("test_accuracy", "test_f1_macro", "test_precision_macro", "test_recall_macro")
@@ -31,12 +30,9 @@ def evaluate_run_on_test(run_id: str, data: str, device: str = "auto", precision
     """The run's logged model scored on the dataset's test split: (EvaluationReport, test images, class names)."""
     state, meta = tracking.load_model_ref(run_id)
     ds, _, _ = tracking.load_dataset_ref(data, ("test",))
-    dev = resolve_device(device)
-    net = create_model(meta["arch"], meta["num_classes"], meta.get("dropout", 0.0))
-    net.load_state_dict(state)
-    net.to(dev, memory_format=torch.channels_last)
     test = ds.splits["test"]
-    report = evaluate_images(net, test.images, test.labels, meta["class_names"], "test", resolve_amp_dtype(precision, dev))
+    report = score_net(build_logged_net(meta, state), test.images, test.labels, meta["class_names"], "test",
+                       resolve_device(device), precision)
     return report, test.images, meta["class_names"]
 
 
@@ -109,17 +105,21 @@ def promote(name: str, version: str) -> str:
     return f"models:/{name}@{CHAMPION} now points to version {version}"
 
 
-def register_trained_run(run_id: str, name: str, data: str, device: str = "auto", precision: str = "auto") -> str:
-    """finetune/pretrain `register_as`: score the run's model on the test split (metrics and plots go
-    to the run, which must be the active one), register it, and promote it on test macro-F1."""
-    report, images, class_names = evaluate_run_on_test(run_id, data, device, precision)
-    tracking.log_evaluation(report, class_names, "test", images)
-    metrics = report.metrics
-    version = register_run_model(run_id, name, describe_run(run_id, metrics, len(images)),
-                                 {k: f"{metrics[k]:.6g}" for k in TEST_METRICS})
+def register_scored_run(run_id: str, name: str, metrics: dict[str, float], test_images: int) -> str:
+    """Register the run's model with its test metrics (description and version tags) and promote it
+    to `champion` on a better test macro-F1."""
+    version = register_run_model(run_id, name, describe_run(run_id, metrics, test_images),
+                                 {k: f"{metrics[k]:.6g}" for k in TEST_METRICS if k in metrics})
     reason = champion_holds(name, "test_f1_macro", metrics["test_f1_macro"]) or promote(name, version)
     print(f"registered {name} version {version}; {reason}")
     return version
+
+
+def register_trained_run(run_id: str, name: str, report, test_images, class_names: list[str]) -> str:
+    """finetune/pretrain `register_as`: log the test-split report to the run (the active one), then
+    register the run's model with those metrics."""
+    tracking.log_evaluation(report, class_names, "test", test_images)
+    return register_scored_run(run_id, name, report.metrics, len(test_images))
 
 
 def register_evaluated(train_run_id: str, evaluate_run_id: str, name: str, test_images: int) -> str:
@@ -128,8 +128,4 @@ def register_evaluated(train_run_id: str, evaluate_run_id: str, name: str, test_
     metrics = {k: logged[k] for k in TEST_METRICS if k in logged}
     if "test_f1_macro" not in metrics:
         raise PipelineError(f"evaluate run {evaluate_run_id} has no test metrics; register a model evaluated on the test split")
-    version = register_run_model(train_run_id, name, describe_run(train_run_id, metrics, test_images),
-                                 {k: f"{v:.6g}" for k, v in metrics.items()})
-    reason = champion_holds(name, "test_f1_macro", metrics["test_f1_macro"]) or promote(name, version)
-    print(f"registered {name} version {version}; {reason}")
-    return version
+    return register_scored_run(train_run_id, name, metrics, test_images)

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models import ImageClassifier, create_model
+from pipeline.models import ImageClassifier, build_logged_net
 
 WEIGHTS_ARTIFACT = "weights"
 META_ARTIFACT = "meta"
@@ -24,8 +24,7 @@ PROB_PREFIX = "prob_"
 
 
 def load_classifier(weights_path: str, meta: dict) -> ImageClassifier:
-    net = create_model(meta["arch"], meta["num_classes"], meta.get("dropout", 0.0))
-    net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    net = build_logged_net(meta, torch.load(weights_path, map_location="cpu", weights_only=True))
     return ImageClassifier(net, meta["class_names"], meta["image_size"]).eval()
 
 

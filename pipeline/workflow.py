@@ -21,9 +21,9 @@ from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import read_image_tree
 from pipeline.data.store import save_dataset
 from pipeline.errors import PipelineError
-from pipeline.evaluation import evaluate_images
-from pipeline.models import ImageClassifier, count_trainable, create_model, freeze, replace_head
-from pipeline.train import fit, resolve_amp_dtype, resolve_device, seed_everything
+from pipeline.evaluation import score_net
+from pipeline.models import ImageClassifier, build_logged_net, count_trainable, create_model, freeze, replace_head
+from pipeline.train import fit, resolve_device, seed_everything
 
 MAX_LISTED_SKIPS = 100
 CHECKPOINT_UPLOAD_S = 60.0  # seconds between uploads of the resumable checkpoint to the run
@@ -108,7 +108,8 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     step_run = tracking.step_run if main else _no_run
     with distributed.joining_process_group(world, device), step_run(step, name, tags, nested, stopped, run_id=cfg.resume or None, system_metrics=cfg.system_metrics) as run:
         with distributed.failing_together(world):
-            ds, manifest, data_uri = tracking.load_dataset_ref(cfg.data, ("train", "val"))
+            splits = ("train", "val", "test") if cfg.register_as else ("train", "val")
+            ds, manifest, data_uri = tracking.load_dataset_ref(cfg.data, splits)
             if cfg.register_as:
                 registry.require_test_split(manifest)  # before training, not after it
             upstream = {"pipeline.upstream.data": data_uri}
@@ -165,8 +166,10 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
         tracking.set_note(f"{step} {cfg.arch} on `{data_uri}`{origin}, {cfg.epochs} epochs at lr {cfg.lr:g}. "
                           f"Best epoch {result.best_epoch}: val accuracy {best.get('val_accuracy', float('nan')):.4f}, "
                           f"val macro-F1 {best.get('val_f1_macro', float('nan')):.4f}. Model: `runs:/{run.info.run_id}/{tracking.MODEL_NAME}`.")
-        if cfg.register_as:
-            registry.register_trained_run(run.info.run_id, cfg.register_as, cfg.data, cfg.device, cfg.precision)
+        if cfg.register_as:  # the model just logged is `net`: scored here, not downloaded again
+            test = ds.splits["test"]
+            report = score_net(net, test.images, test.labels, ds.class_names, "test", device, cfg.precision)
+            registry.register_trained_run(run.info.run_id, cfg.register_as, report, test.images, ds.class_names)
         return run.info.run_id
 
 
@@ -213,11 +216,8 @@ def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = 
             mlflow.set_tag("mlflow.runName", f"evaluate {cfg.split}: {model_name}")
         if manifest is not None:
             tracking.log_dataset_input(manifest, data_uri, context="evaluation")
-        net = create_model(meta["arch"], meta["num_classes"], meta.get("dropout", 0.0))
-        net.load_state_dict(state)
-        net.to(device, memory_format=torch.channels_last)
-        amp = resolve_amp_dtype(cfg.precision, device)
-        report = evaluate_images(net, images, labels, meta["class_names"], cfg.split, amp, cfg.tta, cfg.batch_size)
+        report = score_net(build_logged_net(meta, state), images, labels, meta["class_names"], cfg.split, device,
+                           cfg.precision, cfg.tta, cfg.batch_size)
         tracking.log_evaluation(report, meta["class_names"], cfg.split, images)
         m = report.metrics
         tracking.set_note(f"Scored `{meta['model_uri']}` on the {cfg.split} split of `{data_uri}` ({len(labels)} images): "

@@ -20,7 +20,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline import tracking
 from pipeline.tuning import ATTR_RUN_ID, ATTR_SURPLUS, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
