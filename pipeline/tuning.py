@@ -79,6 +79,11 @@ def journal_path(storage: str) -> str | None:
     return None
 
 
+def has_heartbeats(storage: str) -> bool:
+    """Database storages get heartbeats (open_storage); journal files have none."""
+    return journal_path(storage) is None
+
+
 def storage_identity(storage: str) -> str:
     """A cwd-independent, password-free name of the storage, recorded on the parent run."""
     path = journal_path(storage)
@@ -142,25 +147,12 @@ def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(study, trial)
     # By tags, not the run id attr: a retry that died before its first epoch still carries the
     # previous (already FAILED) run's id, copied from the trial it retries.
-    run_id = _run_of_dead_trial(study, trial.number)
+    run_id = _run_of_trial(trial.number, "attributes.status = 'RUNNING'")
     if run_id:
         client = MlflowClient()
         client.set_terminated(run_id, "FAILED")
         client.set_tag(run_id, TAG_STATE, "FAIL")
         client.set_tag(run_id, "pipeline.fail_reason", f"worker {trial.user_attrs.get(ATTR_WORKER, '?')} stopped sending heartbeats")
-
-
-def _run_of_dead_trial(study: optuna.Study, number: int) -> str | None:
-    """The run of a trial whose worker died before its first epoch ended (no run id attr yet)."""
-    parent = mlflow.active_run()  # the study's parent run: stale trials are found inside run_trials
-    scope = f" and tags.`mlflow.parentRunId` = '{parent.info.run_id}'" if parent else ""
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`{TAG_STUDY}` = '{study.study_name}' and tags.`{TAG_TRIAL}` = '{number}' "
-                      f"and attributes.status = 'RUNNING'{scope}",
-        output_format="list",
-    )
-    return runs[0].info.run_id if runs else None
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -271,13 +263,14 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
     """The trial function; objective.started counts the trials this worker began."""
 
     def objective(trial: optuna.Trial) -> float:
-        frozen = _frozen(trial)
-        if is_surplus(trial, cfg.n_trials):
+        trials = trial.study.get_trials(deepcopy=False)
+        (frozen,) = [t for t in trials if t.number == trial.number]
+        if is_surplus(trials, trial.number, cfg.n_trials):
             # Another worker started a trial in the same instant; this one would overshoot n_trials.
             trial.set_user_attr(ATTR_SURPLUS, True)
             trial.study.stop()
             raise SurplusTrial(f"trial {trial.number} not run: the study already has n_trials={cfg.n_trials} finished or running")
-        if _is_fresh(frozen) and trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if _is_fresh(frozen) and any(t.state == TrialState.WAITING for t in trials):
             # A retry (or enqueued trial) was queued while this one was being created: it goes first.
             trial.set_user_attr(ATTR_SURPLUS, True)
             raise SurplusTrial(f"trial {trial.number} not run: a queued trial takes its place")
@@ -322,7 +315,7 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
                 if heartbeats and done:
                     tracking.delete_checkpoints(done)
 
-    heartbeats = journal_path(cfg.storage) is None
+    heartbeats = has_heartbeats(cfg.storage)
     objective.started = 0
     return objective
 
@@ -331,17 +324,12 @@ class SurplusTrial(Exception):
     """A trial created past n_trials by a race between workers: ended FAIL, marked surplus, not run."""
 
 
-def is_surplus(trial: optuna.Trial, target: int) -> bool:
-    """Whether `target` lower-numbered trials are already finished or running. Trial numbers are
-    handed out by the storage one at a time, so of two workers racing for the last slot exactly
-    one sees the other's trial ahead of its own."""
-    ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    return sum(t.number < trial.number for t in ahead) >= target
-
-
-def _frozen(trial: optuna.Trial) -> FrozenTrial:
-    (frozen,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
-    return frozen
+def is_surplus(trials: list[FrozenTrial], number: int, target: int) -> bool:
+    """Whether `target` trials numbered below `number` are already finished or running. Trial
+    numbers are handed out by the storage one at a time, so of two workers racing for the last slot
+    exactly one sees the other's trial ahead of its own."""
+    ahead = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(t.number < number and t.state in ahead for t in trials) >= target
 
 
 def _is_fresh(trial: FrozenTrial) -> bool:
@@ -352,7 +340,7 @@ def _is_fresh(trial: FrozenTrial) -> bool:
 def _checkpoint_of_retried(trial: FrozenTrial) -> str:
     """For the retry of a dead worker's trial: the dead trial's run (its user attrs were copied to
     the retry), if it left a checkpoint."""
-    if trial.system_attrs.get("failed_trial") is None:  # set by RetryFailedTrialCallback
+    if trial.system_attrs.get("failed_trial") is None:  # set by RetryHeartbeatStaleTrialCallback
         return ""
     run_id = trial.user_attrs.get(ATTR_RUN_ID, "")
     return run_id if run_id and tracking.has_checkpoint(run_id) else ""
@@ -360,7 +348,7 @@ def _checkpoint_of_retried(trial: FrozenTrial) -> str:
 
 def _mark_trial_run(trial: optuna.Trial, run_id: str | None, state: str) -> None:
     """Tag the (ended) trial run with its final state and link it both ways."""
-    run_id = run_id or _run_of_trial(trial.number)
+    run_id = run_id or _run_of_trial(trial.number, f"tags.`{TAG_WORKER}` = '{worker_id()}'")
     if run_id is None:
         return  # failed before its run started
     trial.set_user_attr(ATTR_RUN_ID, run_id)
@@ -370,17 +358,16 @@ def _mark_trial_run(trial: optuna.Trial, run_id: str | None, state: str) -> None
     client.set_tag(run_id, "mlflow.runName", f"trial {trial.number} {state.lower()}: {name}")
 
 
-def _run_of_trial(number: int) -> str | None:
-    """The run of a trial that failed before its first epoch ended, looked up by its tags."""
+def _run_of_trial(number: int, condition: str) -> str | None:
+    """The run of trial `number` nested under the active (the study's parent) run that meets
+    `condition`, looked up by tags: for trials whose run id attr is missing or stale (a trial that
+    failed before its first epoch, a dead worker's trial)."""
     parent = mlflow.active_run()
     if parent is None:
         return None
     runs = mlflow.search_runs(
         experiment_ids=[parent.info.experiment_id],
-        filter_string=(
-            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{TAG_TRIAL}` = '{number}' "
-            f"and tags.`{TAG_WORKER}` = '{worker_id()}'"
-        ),
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{TAG_TRIAL}` = '{number}' and {condition}",
         output_format="list",
     )
     return runs[0].info.run_id if runs else None
@@ -687,7 +674,7 @@ def run_trials(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None])
     re-queued, and a waiting worker runs the retry. So a study finishes while any worker lives.
     """
     objective = make_objective(cfg, log)
-    heartbeats = journal_path(cfg.storage) is None
+    heartbeats = has_heartbeats(cfg.storage)
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else math.inf
     waiting_said = False
     while time.monotonic() < deadline:
