@@ -7,6 +7,7 @@ The session fixture `trained` runs the four steps once, in-process, on scikit-le
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,17 @@ os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
 os.environ.pop("MLFLOW_RUN_ID", None)
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a step, `mlflow` or `torchrun` subprocess: this session's tracking store,
+    the venv's bin first on PATH (as when activated: `mlflow run` and `mlflow models serve` run
+    `python`/`uvicorn` by name), no PIPELINE_DEBUG, and without the experiment and run ids that
+    mlflow.set_experiment()/start_run() export (they name nothing in another store, and `mlflow run`
+    refuses --experiment-name beside MLFLOW_EXPERIMENT_ID). `extra` overrides."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    return {**env, "PIPELINE_DEBUG": "", **extra}
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from pipeline.config import PrepareConfig, TrainConfig
 from pipeline.data.loader import iter_train_batches
 from pipeline.distributed import SINGLE, World
 from pipeline.errors import PipelineError
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -143,9 +144,7 @@ def test_another_ranks_own_error_is_printed_with_its_rank():
 # --- two real processes (gloo on CPU) -------------------------------------------------------
 
 def _env(**extra) -> dict:
-    """This session's tracking store, without the experiment mlflow.set_experiment() exported."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
-    return {**env, "PIPELINE_DEBUG": "", "OMP_WAIT_POLICY": "PASSIVE", **extra}
+    return subprocess_env(OMP_WAIT_POLICY="PASSIVE", **extra)
 
 
 def test_collectives_and_fit_on_two_processes_equal_one_process(tmp_path):

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.chain import ChainConfig, run_chain
 from pipeline.config import PrepareConfig, TrainConfig
 from tests.conftest import SHARED_ARCHIVE
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -21,10 +22,7 @@ TINY = ["-P", "batch_size=64", "-P", "augment=none", "-P", "precision=fp32", "-P
 
 def _mlflow_run(entry, experiment, *params):
     bin_dir = str(Path(sys.executable).parent)
-    # Without the experiment id mlflow.set_experiment() exports (earlier tests' fixtures): `mlflow run`
-    # refuses --experiment-name beside MLFLOW_EXPERIMENT_ID.
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
-    env["PATH"] = bin_dir + os.pathsep + os.environ["PATH"]
+    env = subprocess_env()
     cmd = [os.path.join(bin_dir, "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", experiment, *params]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,7 +1,6 @@
 """The MLproject, the step commands and the environment files agree with each other."""
 
 import importlib
-import os
 import re
 import subprocess
 import sys
@@ -10,16 +9,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["main", "prepare_data", "pretrain", "finetune", "evaluate", "compare"]
 
 
-def _env(**extra):
-    """The test's environment without the experiment mlflow.set_experiment() put there
-    (it exports MLFLOW_EXPERIMENT_ID, which names nothing in another tracking store)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
-    return {**env, "PIPELINE_DEBUG": "", **extra}
+_env = subprocess_env
 
 
 def _cli(step, *args):

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.tuning import ATTR_RUN_ID, ATTR_SURPLUS, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_WORKER
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES = os.environ.get("PIPELINE_TEST_POSTGRES", "postgresql://pipeline:pipeline@127.0.0.1:5432/pipeline")
@@ -35,10 +36,8 @@ def _tune_cmd(digits: dict, storage: str, study: str, n_trials: int, epochs: int
 
 
 def _env(tracking_uri: str, experiment: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
-    return {**env, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_NAME": experiment, "OMP_NUM_THREADS": "1",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "PIPELINE_DEBUG": "1",
-            "PATH": os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])}
+    return subprocess_env(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_NAME=experiment, OMP_NUM_THREADS="1",
+                          MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", PIPELINE_DEBUG="1")
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:

@@ -22,17 +22,14 @@ from sklearn.metrics import accuracy_score
 
 from pipeline.data.store import load_dataset
 from pipeline.models import create_model
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
-    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH, as when activated.
-    path = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
-    return {**env, "PIPELINE_DEBUG": "", "PATH": path}
+_env = subprocess_env
 
 
 def _free_port() -> int:
