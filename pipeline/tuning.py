@@ -1,13 +1,11 @@
 """tune: an Optuna study over finetune's hyperparameters, every trial a nested MLflow run.
 
-The one place that talks to Optuna: storage, sampler, pruner, search space, objective, and the
-link between a study and MLflow (written here rather than taken from optuna-integration's
-MLflowCallback, so that a trial's run *is* the finetune run with its model, pruning ends it
-visibly, and parallel workers and reruns share one parent run):
-
-    study  <->  parent run    tags pipeline.step=tune, pipeline.study_name, pipeline.study_storage
-    trial  <->  nested run    tags pipeline.trial_number, pipeline.trial_state; the trial keeps the
-                              run id in its user attr `mlflow_run_id`
+This module runs a worker: sampler, pruner, search space, the objective, and how many trials are
+left. Where the study is stored is study_storage's business; its MLflow side (the parent run all
+workers share, trial runs, summary, registration) is study_tracking's. That link is written here
+rather than taken from optuna-integration's MLflowCallback, so that a trial's run *is* the
+finetune run with its model, pruning ends it visibly, and parallel workers and reruns share one
+parent run.
 
 n_trials is the study's target, not a per-worker count: a worker starts no trial once the study
 holds n_trials finished (COMPLETE or PRUNED) trials, counting those other workers are running,
@@ -17,15 +15,9 @@ one storage split the work between them.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import hashlib
 import logging
 import math
-import os
-import random
-import re
-import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -35,125 +27,27 @@ import mlflow
 import numpy as np
 import optuna
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from optuna.samplers import BaseSampler
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import registry, tracking
+from pipeline import tracking
 from pipeline.config import TrainConfig, TuneConfig
-from pipeline.data.store import MANIFEST, read_manifest
 from pipeline.errors import PipelineError
+from pipeline.study_storage import GRACE_BEATS, has_heartbeats, open_storage, storage_identity
+from pipeline.study_tracking import (
+    ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_WORKER, find_or_create_parent, is_registrar,
+    log_study_dataset, log_study_params, log_summary, mark_trial_run, on_stale_trial, parent_run, register_best, worker_id,
+)
 from pipeline.train import NonFiniteLossError, resolve_device
 from pipeline.workflow import run_train
 
-TAG_STUDY = "pipeline.study_name"
-TAG_STORAGE = "pipeline.study_storage"
-TAG_STORAGE_ID = "pipeline.study_storage_id"
-TAG_TRIAL = "pipeline.trial_number"
-TAG_STATE = "pipeline.trial_state"
-TAG_WORKER = "pipeline.tune_worker"
-ATTR_RUN_ID = "mlflow_run_id"
-ATTR_WORKER = "worker"
 # A failing trial is the study's business, not the worker's: diverged training, or a batch size
 # that does not fit in GPU memory. Anything else (a bad data reference...) stops the worker.
 TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError)
-# SQL storages: workers send a heartbeat every cfg.heartbeat seconds; a trial silent for GRACE_BEATS
-# of them (its worker was killed) is marked FAIL by the next worker that looks, its MLflow run ended
-# FAILED, and a copy re-queued (up to MAX_RETRIES times) that continues from its last checkpoint.
-# Journal files have no heartbeat.
-GRACE_BEATS = 3
-MAX_RETRIES = 2
 ATTR_SURPLUS = "surplus"
 
 
-# --- storage, sampler, pruner -----------------------------------------------------------------
-
-def journal_path(storage: str) -> str | None:
-    """The file of a journal storage ('journal:PATH' or a path ending .log), else None."""
-    if storage.startswith("journal:"):
-        return storage[len("journal:"):]
-    if storage.endswith(".log") and "://" not in storage:
-        return storage
-    return None
-
-
-def has_heartbeats(storage: str) -> bool:
-    """Database storages get heartbeats (open_storage); journal files have none."""
-    return journal_path(storage) is None
-
-
-def storage_identity(storage: str) -> str:
-    """A cwd-independent, password-free name of the storage, recorded on the parent run."""
-    path = journal_path(storage)
-    if path is not None:
-        return "journal:" + os.path.abspath(path)
-    if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
-        rel = storage[len("sqlite:///"):]
-        if rel and rel != ":memory:":
-            return "sqlite:///" + os.path.abspath(rel)
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", storage)
-
-
-def open_storage(storage: str, heartbeat: int = 60) -> optuna.storages.BaseStorage:
-    path = journal_path(storage)
-    if path is not None:
-        if not path:
-            raise PipelineError("storage='journal:' names no file; use e.g. journal:optuna-journal.log")
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise PipelineError(f"journal storage {path!r}: folder {parent!r} does not exist; create it or pick another path")
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(path))
-    if "://" not in storage:
-        raise PipelineError(
-            f"storage={storage!r} is neither a database URL (sqlite:///optuna.db, postgresql://...) "
-            "nor a journal file (a path ending .log, or journal:PATH)"
-        )
-    try:
-        return _open_rdb(storage, heartbeat)
-    except (ImportError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"cannot open Optuna storage {storage_identity(storage)!r}: {exc}") from exc
-    except Exception as exc:  # sqlalchemy's errors: bad URL, unreachable server, missing driver
-        if type(exc).__module__.startswith("sqlalchemy"):
-            raise PipelineError(f"cannot open Optuna storage {storage_identity(storage)!r}: {exc}") from exc
-        raise
-
-
-def _open_rdb(storage: str, heartbeat: int, attempts: int = 3) -> optuna.storages.RDBStorage:
-    """RDBStorage, retried: workers started together on a new database all create its tables, and
-    all but one fail on the duplicates (seen with three on PostgreSQL); a retry finds them made."""
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
-    for attempt in range(attempts):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=GRACE_BEATS * heartbeat,
-                                                  heartbeat_stale_trial_callback=on_stale_trial)
-        except (IntegrityError, ProgrammingError):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(1 + random.random())
-    raise AssertionError("unreachable")
-
-
-def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """A dead worker's trial was just marked FAIL: end its MLflow run FAILED (nothing stays RUNNING)
-    and re-queue it. The copy keeps params and user attrs, so it knows the run to continue from."""
-    # Re-queue first: until the copy is WAITING, another worker may start a fresh trial in its place.
-    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)(study, trial)
-    # By tags, not the run id attr: a retry that died before its first epoch still carries the
-    # previous (already FAILED) run's id, copied from the trial it retries.
-    run_id = _run_of_trial(trial.number, "attributes.status = 'RUNNING'")
-    if run_id:
-        client = MlflowClient()
-        client.set_terminated(run_id, "FAILED")
-        client.set_tag(run_id, TAG_STATE, "FAIL")
-        client.set_tag(run_id, "pipeline.fail_reason", f"worker {trial.user_attrs.get(ATTR_WORKER, '?')} stopped sending heartbeats")
-
+# --- sampler, pruner, study ---------------------------------------------------------------
 
 def trial_seed(seed: int, number: int) -> int:
     """A sampler seed for trial `number`, independent of which worker runs it."""
@@ -210,7 +104,7 @@ def create_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
 
 def open_study(cfg: TuneConfig) -> optuna.Study:
     """Create the study, or load it (a rerun, another worker) after checking it optimizes cfg.metric."""
-    storage = open_storage(cfg.storage, cfg.heartbeat)
+    storage = open_storage(cfg.storage, cfg.heartbeat, on_stale_trial)
     study = optuna.create_study(
         storage=storage, study_name=cfg.study_name, direction=cfg.direction,
         sampler=create_sampler(cfg), pruner=create_pruner(cfg), load_if_exists=True,
@@ -254,9 +148,6 @@ def trial_config(cfg: TuneConfig, params: dict) -> TrainConfig:
         system_metrics=cfg.system_metrics, **params,
     )
 
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
@@ -310,7 +201,7 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
             state = "PRUNED"
             raise
         finally:
-            _mark_trial_run(trial, seen.get("run_id"), state)
+            mark_trial_run(trial, seen.get("run_id"), state)
             for done in (seen.get("run_id"), start_from):
                 if heartbeats and done:
                     tracking.delete_checkpoints(done)
@@ -346,32 +237,6 @@ def _checkpoint_of_retried(trial: FrozenTrial) -> str:
     return run_id if run_id and tracking.has_checkpoint(run_id) else ""
 
 
-def _mark_trial_run(trial: optuna.Trial, run_id: str | None, state: str) -> None:
-    """Tag the (ended) trial run with its final state and link it both ways."""
-    run_id = run_id or _run_of_trial(trial.number, f"tags.`{TAG_WORKER}` = '{worker_id()}'")
-    if run_id is None:
-        return  # failed before its run started
-    trial.set_user_attr(ATTR_RUN_ID, run_id)
-    client = MlflowClient()
-    name = client.get_run(run_id).info.run_name or "finetune"
-    client.set_tag(run_id, TAG_STATE, state)
-    client.set_tag(run_id, "mlflow.runName", f"trial {trial.number} {state.lower()}: {name}")
-
-
-def _run_of_trial(number: int, condition: str) -> str | None:
-    """The run of trial `number` nested under the active (the study's parent) run that meets
-    `condition`, looked up by tags: for trials whose run id attr is missing or stale (a trial that
-    failed before its first epoch, a dead worker's trial)."""
-    parent = mlflow.active_run()
-    if parent is None:
-        return None
-    runs = mlflow.search_runs(
-        experiment_ids=[parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{TAG_TRIAL}` = '{number}' and {condition}",
-        output_format="list",
-    )
-    return runs[0].info.run_id if runs else None
-
 
 # --- how many trials are left -------------------------------------------------------------
 
@@ -406,228 +271,6 @@ class StopAtTarget:
             study.stop()
 
 
-# --- the parent run -----------------------------------------------------------------------
-
-def _experiment_id() -> str:
-    from mlflow.tracking.fluent import _get_experiment_id
-
-    return _get_experiment_id() or "0"
-
-
-def _parent_runs(experiment_id: str, study_name: str, storage_id: str) -> list:
-    return mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string=(
-            f"tags.`{tracking.TAG_STEP}` = 'tune' and tags.`{TAG_STUDY}` = '{study_name}' "
-            f"and tags.`{TAG_STORAGE_ID}` = '{storage_id}'"
-        ),
-        order_by=["attributes.start_time ASC"],
-        output_format="list",
-    )
-
-
-def _first(runs: list):
-    """The parent all workers agree on: the oldest, ties broken by run id."""
-    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id))
-
-
-def find_or_create_parent(cfg: TuneConfig, log: Callable[[str], None]) -> str:
-    """The study's parent run id: found by its tags (a rerun, another worker) or created.
-
-    Under `mlflow run`, the launcher's run (MLFLOW_RUN_ID) becomes the parent of a new study;
-    for an existing one it becomes a small 'tune worker' run nested under the parent.
-    """
-    client = MlflowClient()
-    launcher = os.environ.pop("MLFLOW_RUN_ID", None)  # else nested trial runs would attach to it
-    exp = client.get_run(launcher).info.experiment_id if launcher else _experiment_id()
-    storage = storage_identity(cfg.storage)
-    storage_id = hashlib.sha256(storage.encode()).hexdigest()[:16]
-    tags = {tracking.TAG_STEP: "tune", TAG_STUDY: cfg.study_name, TAG_STORAGE: storage, TAG_STORAGE_ID: storage_id,
-            tracking.TAG_CODE: tracking.code_version()}
-    found = _parent_runs(exp, cfg.study_name, storage_id)
-    mine = None
-    if not found:
-        if launcher:
-            mine = launcher
-            for k, v in tags.items():
-                client.set_tag(mine, k, v)
-        else:
-            mine = client.create_run(exp, run_name=cfg.study_name, tags=tags).info.run_id
-        client.set_tag(mine, "mlflow.runName", cfg.study_name)
-        # Two workers starting together may both have created one: both keep the oldest.
-        found = _parent_runs(exp, cfg.study_name, storage_id)
-    parent = _first(found).info.run_id
-    if mine and mine != parent and mine != launcher:
-        client.delete_run(mine)
-    if launcher and launcher != parent:
-        client.set_tag(launcher, tracking.TAG_STEP, "tune_worker")
-        client.set_tag(launcher, TAG_STUDY, cfg.study_name)
-        client.set_tag(launcher, "mlflow.parentRunId", parent)
-        client.set_tag(launcher, "mlflow.runName", f"{cfg.study_name} worker")
-        client.set_tag(launcher, "mlflow.note.content", f"This `mlflow run` worked on study {cfg.study_name}; its trials are nested under run {parent}.")
-    log(f"tune: study {cfg.study_name!r} in {storage}; parent run {parent}" + (" (resumed)" if mine != parent else ""))
-    return parent
-
-
-@contextlib.contextmanager
-def parent_run(run_id: str):
-    """Reattach to the parent run; several workers may hold it at once (the last to end sets its status)."""
-    run = mlflow.start_run(run_id=run_id)
-    with tracking.ending_run():
-        yield run
-
-
-def retry_once(fn: Callable[[], None]) -> None:
-    """Run an MLflow write again if it lost a race with another worker (SQLite stores check, then
-    insert: two workers logging the same dataset or param at once collide on a UNIQUE constraint)."""
-    try:
-        fn()
-    except MlflowException:
-        time.sleep(0.5 + random.random())
-        fn()
-
-
-def log_study_dataset(cfg: TuneConfig) -> None:
-    """Record the dataset as an input of the parent run. Done once per worker before any trial, this
-    also creates the experiment's dataset entry that every trial run's input then refers to."""
-    uri = tracking.dataset_uri(cfg.data)
-    if os.path.isdir(cfg.data):
-        folder = cfg.data
-    else:
-        try:
-            folder = os.path.dirname(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{MANIFEST}"))
-        except (MlflowException, OSError) as exc:
-            raise PipelineError(f"no dataset manifest at {uri!r} ({type(exc).__name__}); pass a prepare_data run id or its dataset URI") from exc
-    manifest = read_manifest(folder)
-    if cfg.register_as:
-        registry.require_test_split(manifest)  # before any trial, not after the study
-    retry_once(lambda: tracking.log_dataset_input(manifest, uri, context="tuning"))
-
-
-def log_study_params(run_id: str, cfg: TuneConfig, log: Callable[[str], None]) -> None:
-    """MLflow params cannot change: the first worker's settings stay; a rerun with other values
-    (a larger n_trials, a wider range) is recorded in tune_config.yaml and said on the console."""
-    client = MlflowClient()
-    have = client.get_run(run_id).data.params
-    params = {k: str(v) for k, v in cfg.to_params().items()}
-    params["storage"] = storage_identity(cfg.storage)
-    new = {k: v for k, v in params.items() if k not in have}
-    changed = sorted(k for k, v in params.items() if k in have and not _same_param(have[k], v))
-    if new:
-        retry_once(lambda: tracking.log_params(new))  # it skips keys another worker logged meanwhile
-    if changed:
-        log(f"tune: the parent keeps the first run's params for {', '.join(changed)}; this worker's values are in tune_config.yaml")
-    tracking.log_config(params, "tune_config.yaml")
-
-
-def _same_param(a: str, b: str) -> bool:
-    """Equal as logged: `mlflow run` logs '-P timeout=0' as '0' where the config says 0.0."""
-    if a == b:
-        return True
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return False
-
-
-# --- the summary after each worker ----------------------------------------------------------
-
-def log_summary(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> None:
-    """On the active (parent) run: counts, best value and params, the trials table and plots."""
-    counts = trial_counts(study)
-    finished = counts["complete"] + counts["pruned"]
-    tracking.log_metrics({f"trials_{k}": counts[k] for k in ("complete", "pruned", "fail")}, step=finished)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if complete:
-        best = study.best_trial
-        tracking.log_metrics({f"best_{cfg.metric}": best.value, **{f"best_{k}": v for k, v in best.params.items()}}, step=finished)
-        mlflow.set_tags({"pipeline.best_trial_number": str(best.number), "pipeline.best_run_id": best.user_attrs.get(ATTR_RUN_ID, "")})
-        mlflow.log_dict({"number": best.number, "value": best.value, "metric": cfg.metric, "params": best.params,
-                         "run_id": best.user_attrs.get(ATTR_RUN_ID)}, "study/best_trial.json")
-    df = study.trials_dataframe()
-    mlflow.log_text(df.to_csv(index=False), "study/trials.csv")
-    log_plots(study, log)
-
-
-PLOTS = {
-    "optimization_history": "plot_optimization_history",
-    "param_importances": "plot_param_importances",
-    "parallel_coordinate": "plot_parallel_coordinate",
-    "intermediate_values": "plot_intermediate_values",
-}
-
-
-def log_plots(study: optuna.Study, log: Callable[[str], None]) -> None:
-    """Optuna's matplotlib plots as PNG artifacts; a plot that cannot be drawn is skipped, never fatal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    for name, fn in PLOTS.items():
-        if name == "param_importances" and n_complete < 2:
-            continue  # needs two complete trials
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # ExperimentalWarning on every call
-                ax = getattr(ovm, fn)(study)
-            fig = np.ravel(ax)[0].figure
-            fig.set_size_inches(8, 5)
-            fig.tight_layout()
-            mlflow.log_figure(fig, f"study/{name}.png")
-        except Exception as exc:  # a plot is a nicety: a study never fails for it
-            log(f"tune: skipped the {name} plot ({type(exc).__name__}: {exc})")
-        finally:
-            plt.close("all")
-
-
-def is_registrar(study: optuna.Study, ran: int, started: datetime.datetime) -> bool:
-    """Whether this worker registers the study's best model: the one that finished the study's last
-    trial, or, for a rerun of a finished study, a worker that ran none while no trial ran or ended
-    since it `started`. Workers ending together would otherwise register concurrently, which MLflow's
-    registry does not survive (duplicate tags)."""
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    last = max(finished, key=lambda t: t.datetime_complete, default=None)
-    if ran == 0:
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return not running and (last is None or last.datetime_complete < started)
-    return last is not None and last.user_attrs.get(ATTR_WORKER) == worker_id()
-
-
-def register_best(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> str | None:
-    """Register the best trial's model under cfg.register_as when it beats the champion on cfg.metric
-    (one version per run), scored on the test split first: the test metrics go to the trial's run and,
-    with the data and pretrained model, into the version's description. Alias `champion` moves to it."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not cfg.register_as or not complete:
-        return None
-    best = study.best_trial
-    run_id = best.user_attrs.get(ATTR_RUN_ID)
-    if not run_id:
-        return None
-    client = MlflowClient()
-    name = cfg.register_as
-    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    if existing:
-        log(f"tune: trial {best.number}'s model already is {name} version {existing[0].version}")
-        return existing[0].version
-    held = registry.champion_holds(name, cfg.metric, best.value, cfg.direction == "maximize")
-    if held:
-        log(f"tune: {held}")
-        return None
-    report, images, _ = registry.evaluate_run_on_test(run_id, cfg.data, cfg.device, cfg.precision)
-    test = {k: v for k, v in report.metrics.items() if k in registry.TEST_METRICS}
-    tracking.log_metrics_to(run_id, test)
-    tags = {TAG_STUDY: cfg.study_name, TAG_TRIAL: str(best.number), cfg.metric: f"{best.value:.6g}",
-            **{k: f"{v:.6g}" for k, v in test.items()}}
-    version = registry.register_run_model(run_id, name, registry.describe_run(run_id, test, len(images)), tags)
-    log(f"tune: registered trial {best.number} as {name} version {version} (test macro-F1 {test['test_f1_macro']:.4f}); "
-        + registry.promote(name, version))
-    return version
-
-
 # --- the worker ---------------------------------------------------------------------------
 
 @dataclass
@@ -656,7 +299,7 @@ def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult
         log_study_params(parent_id, cfg, log)
         log_study_dataset(cfg)
         mine = run_trials(study, cfg, log)
-        log_summary(study, cfg, log)
+        log_summary(study, cfg, trial_counts(study), log)
         version = register_best(study, cfg, log) if is_registrar(study, mine, started) else None
     result = TuneResult(cfg.study_name, parent_id, mine, trial_counts(study), registered_version=version)
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

@@ -22,7 +22,9 @@ from optuna.trial import TrialState
 from pipeline import tracking
 from pipeline.config import TuneConfig
 from pipeline.errors import PipelineError
-from pipeline.tuning import ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL, run_study, storage_identity, trial_seed
+from pipeline.study_storage import storage_identity
+from pipeline.study_tracking import ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL
+from pipeline.tuning import run_study, trial_seed
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CPU = dict(augment="none", precision="fp32", device="cpu")
