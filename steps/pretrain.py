@@ -1,7 +1,8 @@
 """pretrain: train every layer of a network on a prepared dataset.
 
-Writes: per-epoch metrics, config.yaml, and the `model` (MLflow PyTorch model taking uint8
-(N, H, W, 3) images, with its state dict and metadata as extra files).
+Writes: per-epoch metrics, config.yaml, checkpoints/last.pt while it runs, and the `model` (an
+MLflow pyfunc taking uint8 (N, H, W, 3) images and returning class names and probabilities, with
+its state dict and metadata in the model's artifacts/ folder).
 """
 
 import click
