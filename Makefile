@@ -23,7 +23,10 @@ demo: install
 		-P batch_size=64 -P augment=none -P frozen_layers=3
 	@echo
 	@echo "Runs are in ./mlflow.db. Look at them with:"
-	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # then open http://127.0.0.1:5000"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@# The UI opens on its GenAI (traces) view; workflowType=machine_learning lands on the runs table.
+	@echo "then open http://127.0.0.1:5000/#/experiments/$$(MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(PY) -c \
+		'import mlflow; print(mlflow.get_experiment_by_name("demo").experiment_id)' 2>/dev/null)?workflowType=machine_learning"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -89,4 +89,18 @@ def run_chain(cfg: ChainConfig, log=print) -> dict[str, str]:
         final = mlflow.get_run(ids["evaluate"]).data.metrics
         # The headline numbers on the parent, so the runs table compares whole pipelines.
         tracking.log_metrics({k: v for k, v in final.items() if k == f"{cfg.evaluate_split}_accuracy" or k.endswith(("_macro", "_weighted"))})
+        tracking.set_note(describe_chain(cfg, ids, final, parent.info.run_id))
     return ids
+
+
+def describe_chain(cfg: ChainConfig, ids: dict[str, str], final: dict[str, float], parent_id: str) -> str:
+    """The parent run's description in the UI: the headline result, then each step and whether it was reused."""
+    split = cfg.evaluate_split
+    tags = mlflow.get_run(parent_id).data.tags
+    lines = [f"{cfg.pretrain.arch} pretrained and fine-tuned with the first {cfg.finetune.frozen_layers} of 5 stages "
+             f"frozen, on `{cfg.prepare.source}`. {split.capitalize()} accuracy {final.get(f'{split}_accuracy', float('nan')):.4f}, "
+             f"macro-F1 {final.get(f'{split}_f1_macro', float('nan')):.4f}.", ""]
+    for step, run_id in ids.items():
+        how = "reused" if tags.get(f"pipeline.{step}_reused") == "true" else "ran"
+        lines.append(f"- {step}: {how} `{run_id}` ({tracking.run_name_of(run_id)})")
+    return "\n".join(lines)

@@ -229,6 +229,18 @@ def log_summary(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int], lo
     df = study.trials_dataframe()
     mlflow.log_text(df.to_csv(index=False), "study/trials.csv")
     log_plots(study, log)
+    tracking.set_note(describe_study(study, cfg, counts))
+
+
+def describe_study(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int]) -> str:
+    """The parent run's description in the UI: how far the study got and its best trial so far."""
+    text = (f"Optuna study `{cfg.study_name}`, {cfg.direction}s {cfg.metric}: {counts['complete']} complete, "
+            f"{counts['pruned']} pruned, {counts['fail']} failed of n_trials={cfg.n_trials}; each trial's run is nested below.")
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        best = study.best_trial
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+        text += f"\n\nBest: trial {best.number}, {cfg.metric}={best.value:.4f} ({params}), run `{best.user_attrs.get(ATTR_RUN_ID, '')}`."
+    return text + "\n\nThe trials table and Optuna's plots are under `study/`."
 
 
 PLOTS = {

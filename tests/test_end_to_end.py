@@ -84,6 +84,12 @@ def test_main_reuses_finished_runs_and_recomputes_downstream_of_a_change(experim
     assert len(parents) == 4 and all(p.info.status == "FINISHED" for p in parents)
     children = mlflow.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parents[-1].info.run_id}'", output_format="list")
     assert len(children) == 4
+    # The parent's description (the UI's first view of a pipeline) says what was reused and how it scored.
+    (third_parent,) = [p for p in parents if p.data.tags.get("pipeline.finetune_run") == third["finetune"]]
+    note = third_parent.data.tags["mlflow.note.content"]
+    accuracy = mlflow.get_run(third["evaluate"]).data.metrics["test_accuracy"]
+    assert f"Test accuracy {accuracy:.4f}" in note and "first 1 of 5 stages frozen" in note
+    assert f"prepare_data: reused `{first['prepare_data']}`" in note and f"finetune: ran `{third['finetune']}`" in note
 
 
 @pytest.mark.skipif(not SHARED_ARCHIVE.exists(), reason=f"the shared CIFAR-10 JPEG archive is not at {SHARED_ARCHIVE}")

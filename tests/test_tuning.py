@@ -106,6 +106,9 @@ def test_study_nests_trials_prunes_fails_registers_and_resumes(digits, store):
     assert parent.data.metrics["best_val_f1_macro"] == pytest.approx(best.value)
     assert parent.data.metrics["best_lr"] == pytest.approx(best.params["lr"])
     assert parent.data.tags["pipeline.best_run_id"] == best.user_attrs[ATTR_RUN_ID]
+    note = parent.data.tags["mlflow.note.content"]
+    assert "2 complete, 1 pruned, 1 failed of n_trials=3" in note
+    assert f"Best: trial {best.number}, val_f1_macro={best.value:.4f}" in note and best.user_attrs[ATTR_RUN_ID] in note
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
     assert {"study/trials.csv", "study/best_trial.json", "study/optimization_history.png", "study/param_importances.png",
             "study/parallel_coordinate.png", "study/intermediate_values.png"} <= artifacts
