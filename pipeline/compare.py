@@ -144,6 +144,8 @@ def _row(train: Run | None, evaluation: Run | None, model_run_id: str = "") -> d
         "evaluate_run_id": evaluation.info.run_id if evaluation else "",
         **{p: _number(params.get(p)) for p in KEY_PARAMS},
     }
+    if train:
+        row["arch"] = tracking.arch_of(train)  # arch=auto resolved
     if evaluation:
         row.update({k: v for k, v in evaluation.data.metrics.items() if _shown(k)})
     if train:

@@ -45,7 +45,7 @@ def describe_run(run_id: str, metrics: dict[str, float], test_images: int) -> st
     pretrained = tags.get("pipeline.upstream.pretrained") or f"none ({params.get('weights', 'none')} weights, trained from scratch)"
     scores = ", ".join(f"{k[len('test_'):]} {metrics[k]:.4f}" for k in TEST_METRICS if k in metrics)
     return "\n".join([
-        f"**{step} {params.get('arch', '?')}**{frozen}, lr={params.get('lr', '?')}, batch_size={params.get('batch_size', '?')}, "
+        f"**{step} {tracking.arch_of(run) or '?'}**{frozen}, lr={params.get('lr', '?')}, batch_size={params.get('batch_size', '?')}, "
         f"epochs={params.get('epochs', '?')} (run `{run_id}`)",
         "",
         f"- data: `{tags.get('pipeline.upstream.data', '?')}`",

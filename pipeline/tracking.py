@@ -41,6 +41,9 @@ MODEL_ARTIFACTS = "artifacts"  # where pyfunc puts a model's artifacts inside it
 TAG_STEP = "pipeline.step"
 TAG_CODE = "pipeline.code_version"
 TAG_CACHE_KEY = "pipeline.cache_key"
+# The network a training run built: its `arch` param says `auto` when finetune was launched by `mlflow run`
+# with the default (MLflow logs the given params first, and a param cannot change).
+TAG_ARCH = "pipeline.arch"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -248,6 +251,11 @@ def log_params(params: dict) -> None:
     MLflow refuses to change a param, and the user's spelling is the one worth keeping."""
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({k: _param_text(v) for k, v in params.items() if k not in existing})
+
+
+def arch_of(run) -> str:
+    """The architecture a training run built (arch=auto resolved), or "" for other runs."""
+    return run.data.tags.get(TAG_ARCH) or run.data.params.get("arch", "")
 
 
 def set_note(text: str) -> None:

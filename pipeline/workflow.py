@@ -123,7 +123,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
             if main:
                 if step == "finetune":
                     mlflow.set_tag("mlflow.runName", run_name(cfg.arch))  # arch=auto is now resolved
-                mlflow.set_tags(upstream)
+                mlflow.set_tags({**upstream, tracking.TAG_ARCH: cfg.arch})
                 tracking.log_params(cfg.to_params())
                 tracking.log_params({"num_classes": ds.num_classes, "trainable_params": count_trainable(net),
                                      "train_images": len(ds.splits["train"]), "world_size": world.size})

@@ -19,10 +19,15 @@ def _test_split(trained):
     return ds.splits["test"], ds.class_names
 
 
-def test_finetune_register_as_scores_on_test_registers_and_crowns(trained, experiment):
+def test_finetune_register_as_scores_on_test_registers_and_crowns(trained, experiment, monkeypatch):
     cfg = TrainConfig(data=trained.prepare, pretrained=trained.pretrain, arch="auto", frozen_layers=4, epochs=1,
                       batch_size=64, lr=0.01, augment="none", register_as="digits-finetuned", **CPU)
+    # As under `mlflow run`: the launcher's run already holds arch=auto, which cannot change.
+    with mlflow.start_run() as launched:
+        mlflow.log_param("arch", "auto")
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched.info.run_id)
     run_id = run_train(cfg, "finetune")
+    assert run_id == launched.info.run_id
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
     # The test metrics in the run are those of the logged model's own predictions.
@@ -39,7 +44,7 @@ def test_finetune_register_as_scores_on_test_registers_and_crowns(trained, exper
     assert f"runs:/{trained.prepare}/dataset" in text  # the data
     assert f"runs:/{trained.pretrain}/model" in text  # the pretrained source
     assert f"accuracy {run.data.metrics['test_accuracy']:.4f}" in text and f"({len(test.labels)} images)" in text
-    assert "frozen_layers=4" in text
+    assert "frozen_layers=4" in text and text.startswith("**finetune resnet18**")  # arch=auto resolved
     assert float(version.tags["test_f1_macro"]) == pytest.approx(run.data.metrics["test_f1_macro"], rel=1e-5)
     assert client.get_model_version_by_alias("digits-finetuned", "champion").version == version.version
 
