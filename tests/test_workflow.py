@@ -113,9 +113,17 @@ def test_unknown_run_id_fails_the_run_with_a_clear_message(experiment):
 
 
 def test_dataset_where_a_model_is_expected(trained, experiment):
-    with pytest.raises(PipelineError, match="was not found|is a dataset"):
+    with pytest.raises(PipelineError, match=f"run {trained.prepare} is a prepare_data run \\(a dataset\\), not a model; "
+                                            "pass a pretrain or finetune run id"):
         run_evaluate(EvaluateConfig(model=trained.prepare, data=trained.prepare, device="cpu"))
     assert _last_run_status(experiment) == "FAILED"
+    # The reverse mistake, and a run that points at the one meant.
+    with pytest.raises(PipelineError, match=f"is a finetune run \\(a model\\), not a dataset; pass a prepare_data run id "
+                                            f"\\(dataset of this finetune run: runs:/{trained.prepare}/dataset\\)"):
+        run_train(TrainConfig(data=trained.finetune, epochs=1, device="cpu"), "pretrain")
+    assert _last_run_status(experiment) == "FAILED"
+    with pytest.raises(PipelineError, match=f"is an evaluate run \\(test results\\), not a model; .*model of this evaluate run: {trained.finetune}"):
+        tracking.model_uri(trained.evaluate)
     with pytest.raises(PipelineError, match="is a dataset"):
         tracking.load_model_ref(f"runs:/{trained.prepare}/dataset")
 
