@@ -57,6 +57,16 @@ def is_raised_on_every_rank(exc: BaseException) -> bool:
     return getattr(exc, _EVERY_RANK, False)
 
 
+@contextlib.contextmanager
+def failing_alike():
+    """For checks of the configuration alone (no I/O): every rank fails them alike, so a PipelineError
+    raised in the block is marked as such and only rank 0 reports it."""
+    try:
+        yield
+    except PipelineError as exc:
+        raise mark_raised_on_every_rank(exc)
+
+
 def check_world(world: World, batch_size: int, device: torch.device) -> None:
     """Refuse, on every rank alike and before any communication, what cannot be split over the processes."""
     if world.size == 1:

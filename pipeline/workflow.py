@@ -90,14 +90,15 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     elif start_from:
         _, resume_state = tracking.load_resume_point(start_from, step)
         tags = {**(tags or {}), "pipeline.resumed_from": start_from}
-    if step == "finetune" and not cfg.pretrained:
-        raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI")
-    if step == "pretrain" and (cfg.pretrained or cfg.frozen_layers):
-        raise PipelineError("pretrain trains every layer from scratch; use the finetune step for pretrained/frozen_layers")
-    device = resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
-    distributed.check_world(world, cfg.batch_size, device)
-    if not cfg.data:
-        raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
+    with distributed.failing_alike():
+        if step == "finetune" and not cfg.pretrained:
+            raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI")
+        if step == "pretrain" and (cfg.pretrained or cfg.frozen_layers):
+            raise PipelineError("pretrain trains every layer from scratch; use the finetune step for pretrained/frozen_layers")
+        device = resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
+        distributed.check_world(world, cfg.batch_size, device)
+        if not cfg.data:
+            raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
     def run_name(arch: str) -> str:
         return f"{step} {arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + f" lr={cfg.lr:g}"
 

@@ -125,6 +125,21 @@ def test_other_steps_refuse_to_run_under_torchrun():
     assert results[1].stderr == ""
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for device=cuda without a GPU")
+def test_a_configuration_error_is_reported_by_rank_0_alone():
+    from steps.pretrain import main
+
+    args = ["--data", "0123456789abcdef0123456789abcdef", "--device", "cuda"]
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        results = [CliRunner().invoke(main, args, env={"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank}) for rank in "01"]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert [r.exit_code for r in results] == [2, 2]
+    assert results[0].stderr.startswith("error: device=cuda but no CUDA GPU is visible") and results[0].stderr.count("\n") == 1
+    assert results[1].stderr == ""
+
+
 def test_another_ranks_own_error_is_printed_with_its_rank():
     from steps._cli import handle_errors
 
