@@ -119,8 +119,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.arch == "auto":
-            if not self.pretrained:
-                raise PipelineError("arch=auto takes the architecture of `pretrained`; set pretrained or name an arch")
+            if not self.pretrained and not self.resume:  # a resumed run's stored config has both
+                raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI "
+                                    "(arch=auto takes its architecture)")
         else:
             _choice("arch", self.arch, ARCHS)
         _choice("weights", self.weights, WEIGHTS)

@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
         ({"optimizer": "rmsprop"}, "optimizer='rmsprop' is not supported"),
         ({"precision": "fp16"}, "precision='fp16' is not supported"),
         ({"label_smoothing": 1.0}, "label_smoothing=1.0 is out of range"),
-        ({"arch": "auto"}, "arch=auto takes the architecture of `pretrained`"),
+        ({"arch": "auto"}, "finetune needs pretrained: a pretrain run id"),
         ({"arch": "resnet9", "weights": "imagenet"}, "resnet9 has no ImageNet weights"),
     ],
 )

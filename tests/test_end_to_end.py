@@ -20,12 +20,15 @@ pytestmark = pytest.mark.slow
 TINY = ["-P", "batch_size=64", "-P", "augment=none", "-P", "precision=fp32", "-P", "device=cpu"]
 
 
-def _mlflow_run(entry, experiment, *params):
+def _mlflow_run(entry, experiment, *params, fails_with=""):
     bin_dir = str(Path(sys.executable).parent)
     env = subprocess_env()
     cmd = [os.path.join(bin_dir, "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", experiment, *params]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if fails_with:
+        assert r.returncode != 0 and f"error: {fails_with}" in r.stderr, r.stderr[-3000:]
+    else:
+        assert r.returncode == 0, r.stderr[-3000:]
     exp = mlflow.get_experiment_by_name(experiment)
     runs = mlflow.search_runs([exp.experiment_id], output_format="list", order_by=["attributes.start_time DESC"])
     return runs[0]
@@ -48,6 +51,10 @@ def test_four_entry_points_through_mlflow_run():
     assert ev.data.tags["pipeline.upstream.model_run"] == fin.info.run_id
     assert {"test_accuracy", "test_f1_macro", "test_precision_weighted", "test_f1_3"} <= set(ev.data.metrics)
     assert len(MlflowClient().get_metric_history(pre.info.run_id, "val_accuracy")) == 2
+    # resume needs no other parameter (the run's stored config is used); a finished run is refused.
+    for run, step in ((pre, "pretrain"), (fin, "finetune")):
+        _mlflow_run(step, exp, "-P", f"resume={run.info.run_id}", fails_with=f"run {run.info.run_id} already FINISHED; nothing to resume")
+    _mlflow_run("finetune", exp, "-P", f"data={prep.info.run_id}", fails_with="finetune needs pretrained")
 
 
 def _chain(**changes):
