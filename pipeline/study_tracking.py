@@ -192,8 +192,12 @@ def log_study_params(run_id: str, cfg: TuneConfig, log: Callable[[str], None]) -
     (a larger n_trials, a wider range) is recorded in tune_config.yaml and said on the console."""
     client = MlflowClient()
     have = client.get_run(run_id).data.params
-    params = {k: str(v) for k, v in cfg.to_params().items()}
+    params = {k: tracking.param_text(v) for k, v in cfg.to_params().items()}
     params["storage"] = storage_identity(cfg.storage)
+    # As `mlflow run` logged them: an empty value as '' (shell-quoted), the storage as typed.
+    have = {k: "" if v == "''" else v for k, v in have.items()}
+    if "storage" in have:
+        have["storage"] = storage_identity(have["storage"])
     new = {k: v for k, v in params.items() if k not in have}
     changed = sorted(k for k, v in params.items() if k in have and not _same_param(have[k], v))
     if new:

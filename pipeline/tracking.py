@@ -266,7 +266,7 @@ def log_evaluation(report, class_names: list[str], split: str, images: np.ndarra
 
 # --- runs ---------------------------------------------------------------------------------
 
-def _param_text(value) -> str:
+def param_text(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()  # as MLproject parameters spell them
     return "" if value is None else str(value)
@@ -276,7 +276,7 @@ def log_params(params: dict) -> None:
     """Log params, skipping those `mlflow run` already logged as typed (e.g. lr=1e-2 vs 0.01):
     MLflow refuses to change a param, and the user's spelling is the one worth keeping."""
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: _param_text(v) for k, v in params.items() if k not in existing})
+    mlflow.log_params({k: param_text(v) for k, v in params.items() if k not in existing})
 
 
 def arch_of(run) -> str:

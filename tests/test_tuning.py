@@ -177,7 +177,7 @@ def test_mlflow_run_entry_point_resumes_under_the_first_launch(digits, store):
     mlflow.search_experiments()  # create the store's tables
     journal = Path(store) / "j.log"
 
-    def launch(n_trials: int) -> None:
+    def launch(n_trials: int) -> str:
         cmd = [
             sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "-e", "tune", "--env-manager", "local",
             "-P", f"data={digits['data']}", "-P", f"pretrained={digits['pretrained']}", "-P", "study_name=mlrun",
@@ -189,9 +189,11 @@ def test_mlflow_run_entry_point_resumes_under_the_first_launch(digits, store):
         done = subprocess.run(cmd, cwd=store, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
 
-    launch(1)
-    launch(2)
+    # The first launch's params, as `mlflow run` logged them (storage as typed, true not True), are its own.
+    assert "keeps the first run's params" not in launch(1)
+    assert "the parent keeps the first run's params for n_trials;" in launch(2)
     parents = _runs(**{"pipeline.step": "tune", TAG_STUDY: "mlrun"})
     workers = _runs(**{"pipeline.step": "tune_worker", TAG_STUDY: "mlrun"})
     assert len(parents) == 1 and len(workers) == 1
