@@ -117,6 +117,7 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
             f"study {cfg.study_name!r} in {storage_identity(cfg.storage)} optimizes {metric}, not metric={cfg.metric}; "
             f"pass metric={metric} to continue it, or pick a new study_name"
         )
+    _check_batch_sizes(study, cfg)
     if study.direction.name.lower() != cfg.direction:
         raise PipelineError(f"study {cfg.study_name!r} was created to {study.direction.name.lower()}; pick a new study_name")
     # Other workers judge this worker's trials dead by the heartbeat they use: all must use one.
@@ -127,6 +128,20 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
         raise PipelineError(f"study {cfg.study_name!r} runs with heartbeat={heartbeat}, not {cfg.heartbeat}; "
                             f"pass heartbeat={heartbeat} (every worker of a study must use the same)")
     return study
+
+
+def _check_batch_sizes(study: optuna.Study, cfg: TuneConfig) -> None:
+    """Optuna cannot change a categorical parameter's choices within a study (the float and int ranges
+    may change): refuse other batch_sizes here rather than fail every trial with Optuna's ValueError."""
+    for trial in study.get_trials(deepcopy=False):
+        space = trial.distributions.get("batch_size")
+        if space is None:
+            continue
+        if list(space.choices) != cfg.batch_size_choices:
+            have = ",".join(str(c) for c in space.choices)
+            raise PipelineError(f"study {cfg.study_name!r} draws batch_size from {have}, not batch_sizes={cfg.batch_sizes}; "
+                                f"pass batch_sizes={have} to continue it (Optuna cannot change a study's choices), or pick a new study_name")
+        return
 
 
 # --- the search space and one trial -----------------------------------------------------------

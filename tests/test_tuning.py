@@ -245,6 +245,17 @@ def test_resuming_with_another_metric_is_refused(digits, store):
         run_study(TuneConfig(**digits, study_name="s", storage=storage, **CPU))
 
 
+def test_resuming_with_other_batch_sizes_is_refused(digits, store):
+    storage = f"sqlite:///{store}/optuna.db"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    trial = study.ask()
+    trial.suggest_categorical("batch_size", [16, 32])
+    study.tell(trial, 0.5)
+    with pytest.raises(PipelineError, match="study 's' draws batch_size from 16,32, not batch_sizes=32,64; pass batch_sizes=16,32"):
+        run_study(TuneConfig(**digits, study_name="s", storage=storage, batch_sizes="32,64", **CPU))
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1  # no trial was started
+
+
 def test_bad_storage_says_what_is_accepted(digits, store):
     with pytest.raises(PipelineError, match="neither a database URL"):
         run_study(TuneConfig(**digits, storage="optuna.db", **CPU))
