@@ -371,12 +371,16 @@ def _log_trial(log: Callable[[str], None]):
     return callback
 
 
-class _QuietSurplus(logging.Filter):
-    """Optuna logs every caught trial exception as a failure with its traceback; a surplus trial is
-    routine bookkeeping, reported by _log_trial in one line instead."""
+class _QuietTrialErrors(logging.Filter):
+    """Optuna logs every caught trial exception as a failure with its traceback. A surplus trial is
+    routine bookkeeping, reported by _log_trial in one line instead; Ctrl-C/SIGTERM keeps Optuna's
+    line (which trial ended FAIL) without the traceback, and the step says the run ended KILLED."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], SurplusTrial))
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return not isinstance(error, SurplusTrial)
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())
+logging.getLogger("optuna.study._optimize").addFilter(_QuietTrialErrors())

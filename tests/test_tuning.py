@@ -256,6 +256,27 @@ def test_resuming_with_other_batch_sizes_is_refused(digits, store):
     assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1  # no trial was started
 
 
+def test_an_interrupted_trial_is_logged_in_one_line_without_traceback():
+    import io
+    import logging
+
+    from pipeline.tuning import SurplusTrial
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logger = logging.getLogger("optuna.study._optimize")
+    logger.addHandler(handler)
+    try:
+        for error in (KeyboardInterrupt(), SurplusTrial("not run")):
+            try:
+                raise error
+            except BaseException:
+                logger.warning("Trial 3 failed because of the following error: %r", error, exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert out.getvalue() == "Trial 3 failed because of the following error: KeyboardInterrupt()\n"
+
+
 def test_bad_storage_says_what_is_accepted(digits, store):
     with pytest.raises(PipelineError, match="neither a database URL"):
         run_study(TuneConfig(**digits, storage="optuna.db", **CPU))
