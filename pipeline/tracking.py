@@ -73,7 +73,7 @@ def get_run(run_id: str):
 
 # What each step's run holds, for the error when a run id of the wrong kind is passed.
 RUN_HOLDS = {"prepare_data": "a dataset", "pretrain": "a model", "finetune": "a model", "evaluate": "test results",
-             "main": "a whole pipeline", "tune": "a study"}
+             "main": "a whole pipeline", "tune": "a study", "tune_worker": "one worker's share of a study"}
 # Where a run of another kind points at the run that was probably meant: {step: {wanted: tag}}.
 RUN_POINTERS = {
     "main": {"a model": "pipeline.finetune_run", "a dataset": "pipeline.prepare_data_run"},
