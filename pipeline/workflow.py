@@ -181,7 +181,7 @@ def _no_run(*args, **kwargs):
 
 
 def _evaluation_images(cfg: EvaluateConfig, meta: dict):
-    """(images, labels, data_uri, manifest or None) from a dataset reference or an image folder/archive."""
+    """(images, labels, data_uri, manifest or None, skipped files) from a dataset reference or an image folder/archive."""
     is_user_images = os.path.exists(cfg.data) and not os.path.isfile(os.path.join(cfg.data, "manifest.json"))
     if is_user_images:
         src = read_image_tree(cfg.data, meta["image_size"], cfg.on_bad_image)
@@ -193,7 +193,7 @@ def _evaluation_images(cfg: EvaluateConfig, meta: dict):
             )
         split = src.splits.get(cfg.split) or src.splits["train"]  # a plain folder is all one split
         remap = np.array([meta["class_names"].index(c) for c in src.class_names], np.int64)
-        return split.images, remap[split.labels], os.path.abspath(cfg.data), None
+        return split.images, remap[split.labels], os.path.abspath(cfg.data), None, src.skipped_files
     ds, manifest, uri = tracking.load_dataset_ref(cfg.data, (cfg.split,))
     if ds.class_names != meta["class_names"]:
         raise PipelineError(
@@ -201,7 +201,7 @@ def _evaluation_images(cfg: EvaluateConfig, meta: dict):
             f"({', '.join(meta['class_names'])}); evaluate on data with the model's classes"
         )
     s = ds.splits[cfg.split]
-    return s.images, s.labels, uri, manifest
+    return s.images, s.labels, uri, manifest, []
 
 
 def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = None) -> str:
@@ -210,7 +210,7 @@ def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = 
     with tracking.step_run("evaluate", f"evaluate {cfg.split}", tags, nested) as run:
         tracking.log_params(dataclasses.asdict(cfg))
         state, meta = tracking.load_model_ref(cfg.model)
-        images, labels, data_uri, manifest = _evaluation_images(cfg, meta)
+        images, labels, data_uri, manifest, skipped = _evaluation_images(cfg, meta)
         mlflow.set_tags({"pipeline.upstream.model": meta["model_uri"], "pipeline.upstream.model_run": meta["source_run_id"], "pipeline.upstream.data": data_uri})
         model_name = tracking.run_name_of(meta["source_run_id"])
         if model_name:  # "evaluate test: finetune resnet18 frozen=3 lr=0.01" scans better in the runs table
@@ -221,7 +221,13 @@ def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = 
                            cfg.precision, cfg.tta, cfg.batch_size)
         tracking.log_evaluation(report, meta["class_names"], cfg.split, images)
         m = report.metrics
-        tracking.set_note(f"Scored `{meta['model_uri']}` on the {cfg.split} split of `{data_uri}` ({len(labels)} images): "
+        if manifest is None:  # the user's images: say what was left out, as prepare_data does
+            tracking.log_metrics({"skipped_files": len(skipped)})
+            if skipped:
+                mlflow.log_text("\n".join(skipped) + "\n", "evaluation/skipped_files.txt")
+                print(f"evaluate: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
+        tracking.set_note(f"Scored `{meta['model_uri']}` on the {cfg.split} split of `{data_uri}` ({len(labels)} images"
+                          + (f"; {len(skipped)} unreadable files skipped" if skipped else "") + "): "
                           f"accuracy {m[f'{cfg.split}_accuracy']:.4f}, macro-F1 {m[f'{cfg.split}_f1_macro']:.4f}. "
                           "Plots and tables under `evaluation/`.")
         return run.info.run_id
