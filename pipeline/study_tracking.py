@@ -223,9 +223,8 @@ def log_summary(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int], lo
     """On the active (parent) run: trial counts (by state), best value and params, the trials table and plots."""
     finished = counts["complete"] + counts["pruned"]
     tracking.log_metrics({f"trials_{k}": counts[k] for k in ("complete", "pruned", "fail")}, step=finished)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if complete:
-        best = study.best_trial
+    best = study.best_trial if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
+    if best is not None:
         tracking.log_metrics({f"best_{cfg.metric}": best.value, **{f"best_{k}": v for k, v in best.params.items()}}, step=finished)
         mlflow.set_tags({"pipeline.best_trial_number": str(best.number), "pipeline.best_run_id": best.user_attrs.get(ATTR_RUN_ID, "")})
         mlflow.log_dict({"number": best.number, "value": best.value, "metric": cfg.metric, "params": best.params,
@@ -233,17 +232,21 @@ def log_summary(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int], lo
     df = study.trials_dataframe()
     mlflow.log_text(df.to_csv(index=False), "study/trials.csv")
     log_plots(study, log)
-    tracking.set_note(describe_study(study, cfg, counts))
+    tracking.set_note(describe_study(cfg, counts, best))
 
 
-def describe_study(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int]) -> str:
+def format_params(params: dict, sep: str = " ") -> str:
+    """Trial hyperparameters for people: floats to 3 significant digits."""
+    return sep.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def describe_study(cfg: TuneConfig, counts: dict[str, int], best: FrozenTrial | None) -> str:
     """The parent run's description in the UI: how far the study got and its best trial so far."""
     text = (f"Optuna study `{cfg.study_name}`, {cfg.direction}s {cfg.metric}: {counts['complete']} complete, "
             f"{counts['pruned']} pruned, {counts['fail']} failed of n_trials={cfg.n_trials}; each trial's run is nested below.")
-    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        best = study.best_trial
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
-        text += f"\n\nBest: trial {best.number}, {cfg.metric}={best.value:.4f} ({params}), run `{best.user_attrs.get(ATTR_RUN_ID, '')}`."
+    if best is not None:
+        text += (f"\n\nBest: trial {best.number}, {cfg.metric}={best.value:.4f} ({format_params(best.params, ', ')}), "
+                 f"run `{best.user_attrs.get(ATTR_RUN_ID, '')}`.")
     return text + "\n\nThe trials table and Optuna's plots are under `study/`."
 
 

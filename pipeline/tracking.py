@@ -76,11 +76,11 @@ RUN_HOLDS = {"prepare_data": "a dataset", "pretrain": "a model", "finetune": "a 
              "main": "a whole pipeline", "tune": "a study", "tune_worker": "one worker's share of a study"}
 # Where a run of another kind points at the run that was probably meant: {step: {wanted: tag}}.
 RUN_POINTERS = {
-    "main": {"a model": "pipeline.finetune_run", "a dataset": "pipeline.prepare_data_run"},
-    "tune": {"a model": "pipeline.best_run_id"},
-    "evaluate": {"a model": "pipeline.upstream.model_run"},
-    "pretrain": {"a dataset": "pipeline.upstream.data"},
-    "finetune": {"a dataset": "pipeline.upstream.data"},
+    "main": {"model": "pipeline.finetune_run", "dataset": "pipeline.prepare_data_run"},
+    "tune": {"model": "pipeline.best_run_id"},
+    "evaluate": {"model": "pipeline.upstream.model_run"},
+    "pretrain": {"dataset": "pipeline.upstream.data"},
+    "finetune": {"dataset": "pipeline.upstream.data"},
 }
 
 
@@ -92,9 +92,9 @@ def _require_kind(run_id: str, steps: tuple[str, ...], wanted: str, fix: str) ->
     if step is None or step in steps:
         return
     pointer = tags.get(RUN_POINTERS.get(step, {}).get(wanted, ""), "")
-    hint = f" ({wanted[2:]} of this {step} run: {pointer})" if pointer else ""
+    hint = f" ({wanted} of this {step} run: {pointer})" if pointer else ""
     article = "an" if step[0] in "aeiou" else "a"
-    raise PipelineError(f"run {run_id} is {article} {step} run ({RUN_HOLDS.get(step, 'not a pipeline step')}), not {wanted}; pass {fix}{hint}")
+    raise PipelineError(f"run {run_id} is {article} {step} run ({RUN_HOLDS.get(step, 'not a pipeline step')}), not a {wanted}; pass {fix}{hint}")
 
 
 def _download(uri: str, what: str) -> str:
@@ -109,7 +109,7 @@ def _download(uri: str, what: str) -> str:
 def dataset_uri(ref: str) -> str:
     """A prepare_data run id, a runs:/ URI, another artifact URI, or a local dataset folder -> URI."""
     if RUN_ID.match(ref):
-        _require_kind(ref, ("prepare_data",), "a dataset", "a prepare_data run id")
+        _require_kind(ref, ("prepare_data",), "dataset", "a prepare_data run id")
         return f"runs:/{ref}/{DATASET_ARTIFACT}"
     return ref
 
@@ -178,7 +178,7 @@ def log_dataset_input(manifest: dict, uri: str, context: str) -> None:
 
 def model_uri(ref: str) -> str:
     if RUN_ID.match(ref):
-        _require_kind(ref, ("pretrain", "finetune"), "a model", "a pretrain or finetune run id")
+        _require_kind(ref, ("pretrain", "finetune"), "model", "a pretrain or finetune run id")
         return f"runs:/{ref}/{MODEL_NAME}"
     if ref.startswith(("runs:/", "models:/")) or os.path.isdir(ref):
         return ref

@@ -35,7 +35,7 @@ from pipeline.config import TrainConfig, TuneConfig
 from pipeline.errors import PipelineError
 from pipeline.study_storage import GRACE_BEATS, has_heartbeats, open_storage, storage_identity
 from pipeline.study_tracking import (
-    ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_WORKER, find_or_create_parent, is_registrar,
+    ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_WORKER, find_or_create_parent, format_params, is_registrar,
     log_study_dataset, log_study_params, log_summary, mark_trial_run, on_stale_trial, parent_run, register_best, worker_id,
 )
 from pipeline.train import NonFiniteLossError, resolve_device
@@ -133,15 +133,11 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
 def _check_batch_sizes(study: optuna.Study, cfg: TuneConfig) -> None:
     """Optuna cannot change a categorical parameter's choices within a study (the float and int ranges
     may change): refuse other batch_sizes here rather than fail every trial with Optuna's ValueError."""
-    for trial in study.get_trials(deepcopy=False):
-        space = trial.distributions.get("batch_size")
-        if space is None:
-            continue
-        if list(space.choices) != cfg.batch_size_choices:
-            have = ",".join(str(c) for c in space.choices)
-            raise PipelineError(f"study {cfg.study_name!r} draws batch_size from {have}, not batch_sizes={cfg.batch_sizes}; "
-                                f"pass batch_sizes={have} to continue it (Optuna cannot change a study's choices), or pick a new study_name")
-        return
+    space = next((t.distributions["batch_size"] for t in study.get_trials(deepcopy=False) if "batch_size" in t.distributions), None)
+    if space is not None and list(space.choices) != cfg.batch_size_choices:
+        have = ",".join(str(c) for c in space.choices)
+        raise PipelineError(f"study {cfg.study_name!r} draws batch_size from {have}, not batch_sizes={cfg.batch_sizes}; "
+                            f"pass batch_sizes={have} to continue it (Optuna cannot change a study's choices), or pick a new study_name")
 
 
 # --- the search space and one trial -----------------------------------------------------------
@@ -199,7 +195,7 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
             if epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"{cfg.metric}={value:.4f} at epoch {epoch}")
 
-        log(f"tune: trial {trial.number} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
+        log(f"tune: trial {trial.number} {format_params(params)}")
         state = "FAIL"
         try:
             # With heartbeats a dead worker's trial is retried from its checkpoint, so it goes up once per
