@@ -173,7 +173,8 @@ def compare_to_best(y_true, predictions: Mapping[str, np.ndarray], num_classes: 
     several runs: with many runs some look different by chance."""
     if not predictions:
         raise PipelineError("no runs to compare; pass the predictions of at least one run")
-    y_true, *checked = _paired_labels(num_classes, {"y_true": y_true, **predictions})
+    named = {"y_true": y_true, **{f"predictions of {run!r}": pred for run, pred in predictions.items()}}
+    y_true, *checked = _paired_labels(num_classes, named)
     predictions = dict(zip(predictions, checked))
     scores = {run: _scores(y_true, pred, num_classes) for run, pred in predictions.items()}
     if best is None:
