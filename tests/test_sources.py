@@ -1,11 +1,19 @@
 import io
+import shutil
 import tarfile
 import zipfile
 
 import numpy as np
 import pytest
 
-from pipeline.data.sources import read_image_tree, resize_images
+from pipeline.data.sources import (
+    choose_split,
+    decode_tree,
+    load_source,
+    read_image_tree,
+    resize_images,
+    scan_image_tree,
+)
 from pipeline.errors import PipelineError
 from tests.conftest import write_image
 
@@ -115,14 +123,14 @@ def test_folder_without_class_folders_or_with_one_class(tmp_path):
     write_image(tmp_path / "one" / "cat" / "1.png", (1, 2, 3))
     write_image(tmp_path / "one" / "cat" / "2.png", (1, 2, 3))
     with pytest.raises(PipelineError, match="only one class folder"):
-        read_image_tree(str(tmp_path / "one"), 8)
+        load_source(str(tmp_path / "one"), "", 8)
 
 
 def test_non_images_are_skipped_and_counted_or_fail(image_folder):
     (image_folder / "red" / "notes.txt").write_text("not an image")
     src = read_image_tree(str(image_folder), 8, on_bad_image="skip")
     assert len(src.splits["train"]) == 18
-    assert src.skipped_files == ["red/notes.txt"]
+    assert src.skipped_files == ["red/notes.txt: not an image format PIL can read"]
     with pytest.raises(PipelineError, match="red/notes.txt .* is not a readable image"):
         read_image_tree(str(image_folder), 8, on_bad_image="fail")
 
@@ -150,3 +158,129 @@ def test_cifar10_offline_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
     assert "could not download CIFAR-10" in message
     assert "copy cifar-10-python.tar.gz into" in message and "set source to a local image folder or archive" in message
     assert "\n" not in message
+
+
+# Layouts users have, in folders and archives, with and without a wrapper folder.
+COLORS = {"airplane": (250, 10, 10), "bird (small)": (10, 250, 10)}
+LAYOUTS = {
+    "plain": (None,),
+    "train+test": ("train", "test"),
+    "train+val+test": ("train", "val", "test"),
+    "test only": ("test",),
+    "val+test": ("val", "test"),
+    "train only": ("train",),
+}
+
+
+def _write_tree(root, splits):
+    """2 classes x (2 images per split); clutter at the root and in a class folder."""
+    for split in splits:
+        base = root if split is None else root / split
+        for cls, color in COLORS.items():
+            for i in range(2):
+                write_image(base / cls / f"{i}.png", color, size=(6, 5))
+        (base / "airplane" / "Thumbs.db").write_bytes(b"\x00" * 10)
+    (root / ".DS_Store").write_bytes(b"\x00\x01")
+    (root / "README.md").write_text("my data")
+
+
+def _package(tmp_path, root, container):
+    if container == "folder":
+        return root
+    if container == "wrapped folder":
+        outer = tmp_path / "outer"
+        shutil.copytree(root, outer / "mydata")
+        return outer
+    if container == "tar.gz with wrapper":
+        path = tmp_path / "d.tar.gz"
+        with tarfile.open(path, "w:gz") as tf:
+            tf.add(root, arcname="mydata")
+        return path
+    path = tmp_path / "d.zip"  # zip without wrapper, with macOS resource forks
+    with zipfile.ZipFile(path, "w") as zf:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(root))
+                zf.writestr(f"__MACOSX/{p.relative_to(root).parent}/._{p.name}", b"\x00")
+    return path
+
+
+@pytest.mark.parametrize("container", ["folder", "wrapped folder", "tar.gz with wrapper", "zip"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_reads_alike_in_every_container(tmp_path, layout, container):
+    root = tmp_path / "tree"
+    _write_tree(root, LAYOUTS[layout])
+    tree = scan_image_tree(str(_package(tmp_path, root, container)))
+    expected_splits = ["train"] if layout == "plain" else [s for s in ("train", "val", "test") if s in LAYOUTS[layout]]
+    assert tree.split_names == expected_splits
+    assert tree.class_names == ["airplane", "bird (small)"]
+    src = decode_tree(tree, 8)
+    for split in expected_splits:
+        s = src.splits[split]
+        assert np.bincount(s.labels).tolist() == [2, 2]
+        assert (s.images[s.labels == 1][..., 1] > 200).all()  # labels follow the folders
+    # Thumbs.db, .DS_Store and __MACOSX are ignored; only the README is listed, with why.
+    assert src.skipped_files == ["README.md: outside any class folder"]
+
+
+def test_evaluate_on_an_archive_holding_only_test_class_folders(tmp_path):
+    """issue 13: `test/<class>/<img>` (CIFAR-10's image dumps) failed with 'has no class subfolders'."""
+    root = tmp_path / "tree"
+    _write_tree(root, ("test",))
+    archive = _package(tmp_path, root, "tar.gz with wrapper")
+    tree = scan_image_tree(str(archive))
+    for wanted in ("test", "val", "train"):  # the only split is scored whatever was asked
+        assert choose_split(tree, wanted) == "test"
+    src = decode_tree(tree, 8, splits=("test",))
+    assert set(src.splits) == {"test"} and len(src.splits["test"]) == 4
+
+
+def test_choose_split_prefers_the_wanted_split_and_names_those_found(tmp_path):
+    _write_tree(tmp_path / "tree", ("train", "test"))
+    tree = scan_image_tree(str(tmp_path / "tree"))
+    assert choose_split(tree, "train") == "train" and choose_split(tree, "test") == "test"
+    with pytest.raises(PipelineError) as info:
+        choose_split(tree, "val")
+    assert str(info.value) == f"{str(tmp_path / 'tree')!r} has no val/ split; it has train/, test/: set split to one of train, test"
+
+
+def test_decode_tree_decodes_only_the_splits_asked(tmp_path):
+    _write_tree(tmp_path / "tree", ("train", "val", "test"))
+    tree = scan_image_tree(str(tmp_path / "tree"))
+    (tmp_path / "tree" / "train" / "airplane" / "0.png").write_bytes(b"")  # read already: no effect
+    src = decode_tree(tree, 8, splits=("val",))
+    assert set(src.splits) == {"val"}
+
+
+@pytest.mark.parametrize("splits", [("test",), ("val", "test")])
+def test_prepare_data_without_train_says_so_in_one_line(tmp_path, splits):
+    _write_tree(tmp_path / "tree", splits)
+    with pytest.raises(PipelineError) as info:
+        load_source(str(tmp_path / "tree"), "", 8)
+    message = str(info.value)
+    found = ", ".join(s + "/" for s in splits)
+    assert f"has no train/ split (it has {found}); prepare_data needs train/<class>/<image>" in message
+    assert "\n" not in message
+
+
+def test_a_class_named_like_a_split_beside_other_classes_is_a_class(tmp_path):
+    for cls in ("test", "cat"):
+        for i in range(2):
+            write_image(tmp_path / "tree" / cls / f"{i}.png", (9, 9, 9))
+    src = read_image_tree(str(tmp_path / "tree"), 8)
+    assert src.class_names == ["cat", "test"] and list(src.splits) == ["train"]
+
+
+def test_readme_beside_the_wrapper_is_listed_not_fatal(tmp_path):
+    _write_tree(tmp_path / "outer" / "mydata", (None,))
+    (tmp_path / "outer" / "LICENSE").write_text("cc-by")
+    src = read_image_tree(str(tmp_path / "outer"), 8)
+    assert src.class_names == ["airplane", "bird (small)"]
+    assert sorted(src.skipped_files) == ["LICENSE: outside any class folder", "README.md: outside any class folder"]
+
+
+def test_split_with_classes_unknown_to_train_is_refused_before_decoding(tmp_path):
+    _write_tree(tmp_path / "tree", ("train",))
+    write_image(tmp_path / "tree" / "test" / "zebra" / "0.png", (1, 1, 1))
+    with pytest.raises(PipelineError, match="test/ in .* has classes not in train/: zebra"):
+        scan_image_tree(str(tmp_path / "tree"))
