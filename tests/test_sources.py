@@ -5,6 +5,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.data.sources import (
     choose_split,
@@ -284,3 +285,156 @@ def test_split_with_classes_unknown_to_train_is_refused_before_decoding(tmp_path
     write_image(tmp_path / "tree" / "test" / "zebra" / "0.png", (1, 1, 1))
     with pytest.raises(PipelineError, match="test/ in .* has classes not in train/: zebra"):
         scan_image_tree(str(tmp_path / "tree"))
+
+
+# Image files users have: every kind that decodes keeps decoding; every failure costs one file.
+
+
+def _png_claiming(path, width, height):
+    """A tiny PNG whose header claims width x height pixels (no pixel data to back it)."""
+    import struct
+    import zlib as _zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes of header fields
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", _zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def _write_good_kinds(folder):
+    """{file name: the RGB colour it must decode to}, for image kinds users keep."""
+    folder.mkdir(parents=True)
+    Image.new("RGBA", (9, 7), (10, 20, 30, 128)).save(folder / "rgba.png")
+    Image.new("L", (9, 7), 90).save(folder / "grey.png")
+    Image.fromarray(np.full((7, 9), 40000, np.uint16)).save(folder / "sixteen.png")  # 16-bit grey
+    pal = Image.new("P", (9, 7), 0)
+    pal.putpalette([200, 100, 50] * 256)
+    pal.info["transparency"] = 0
+    pal.save(folder / "palette.png")
+    Image.new("CMYK", (16, 16), (0, 0, 0, 0)).save(folder / "cmyk.jpg", quality=95)
+    Image.new("RGB", (9, 7), (30, 60, 90)).save(folder / "photo.webp", lossless=True)
+    Image.new("RGB", (1, 1), (70, 80, 90)).save(folder / "one_pixel.png")
+    Image.new("RGB", (3000, 2000), (120, 130, 140)).save(folder / "big.JPG", quality=95)
+    Image.new("RGB", (9, 7), (5, 100, 5)).save(folder / "ñandú 猫 (1).png")
+    Image.new("RGB", (16, 16), (50, 50, 200)).save(folder / "bad_exif.jpg", exif=b"Exif\x00\x00garbage!", quality=95)
+    return {
+        "rgba.png": (10, 20, 30), "grey.png": (90, 90, 90), "sixteen.png": (156, 156, 156),
+        "palette.png": (200, 100, 50), "cmyk.jpg": (255, 255, 255), "photo.webp": (30, 60, 90),
+        "one_pixel.png": (70, 80, 90), "big.JPG": (120, 130, 140), "ñandú 猫 (1).png": (5, 100, 5),
+        "bad_exif.jpg": (50, 50, 200),
+    }
+
+
+def _write_bad_kinds(folder):
+    """{file name: start of its skip reason}."""
+    folder.mkdir(parents=True)
+    (folder / "empty.png").write_bytes(b"")
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG")
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "notes.jpg").write_text("not an image")
+    _png_claiming(folder / "huge.png", 20000, 10000)
+    return {
+        "empty.png": "empty file (0 bytes)",
+        "cut.jpg": "OSError: image file is truncated",
+        "notes.jpg": "not an image format PIL can read",
+        "huge.png": "200000000 pixels over max_image_pixels=178956970",
+    }
+
+
+def test_image_kinds_users_keep_decode_to_their_colours(tmp_path):
+    good = _write_good_kinds(tmp_path / "d" / "good")
+    write_image(tmp_path / "d" / "other" / "0.png", (0, 0, 0))
+    src = read_image_tree(str(tmp_path / "d"), 8)
+    train = src.splits["train"]
+    assert src.skipped_files == []
+    images = train.images[train.labels == 0]
+    for name, image in zip(sorted(good), images):  # files are read in sorted name order
+        mean = image.reshape(-1, 3).mean(axis=0)
+        assert np.abs(mean - good[name]).max() <= 3, (name, mean)
+
+
+def test_unreadable_files_are_skipped_with_their_reason(tmp_path):
+    bad = _write_bad_kinds(tmp_path / "d" / "bad")
+    for cls in ("bad", "other"):
+        write_image(tmp_path / "d" / cls / "0.png", (0, 0, 0))
+    limit_before = Image.MAX_IMAGE_PIXELS
+    src = read_image_tree(str(tmp_path / "d"), 8)
+    assert np.bincount(src.splits["train"].labels).tolist() == [1, 1]
+    reasons = dict(line.split(": ", 1) for line in src.skipped_files)
+    assert set(reasons) == {f"bad/{name}" for name in bad}
+    for name, start in bad.items():
+        assert reasons[f"bad/{name}"].startswith(start), reasons
+    assert Image.MAX_IMAGE_PIXELS == limit_before  # PIL's process-wide limit is left as it was
+
+
+@pytest.mark.parametrize("kind", ["empty.png", "cut.jpg", "notes.jpg", "huge.png"])
+def test_on_bad_image_fail_stops_at_the_file_in_one_line(tmp_path, kind):
+    bad = _write_bad_kinds(tmp_path / "all")
+    for cls in ("a", "b"):
+        write_image(tmp_path / "d" / cls / "0.png", (0, 0, 0))
+    shutil.copy(tmp_path / "all" / kind, tmp_path / "d" / "a" / kind)
+    limit_before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(PipelineError) as info:
+        read_image_tree(str(tmp_path / "d"), 8, on_bad_image="fail")
+    message = str(info.value)
+    assert message.startswith(f"a/{kind} in ") and bad[kind] in message and "on_bad_image=skip" in message
+    assert "\n" not in message
+    assert Image.MAX_IMAGE_PIXELS == limit_before
+
+
+def test_pixel_limit_is_a_parameter_and_zero_means_none(tmp_path):
+    write_image(tmp_path / "d" / "a" / "0.png", (1, 1, 1), size=(64, 64))
+    write_image(tmp_path / "d" / "b" / "0.png", (1, 1, 1), size=(10, 10))
+    src = read_image_tree(str(tmp_path / "d"), 8, max_image_pixels=1000)
+    assert src.skipped_files == ["a/0.png: 4096 pixels over max_image_pixels=1000"]
+    assert len(read_image_tree(str(tmp_path / "d"), 8, max_image_pixels=0).splits["train"]) == 2
+
+
+def test_our_limit_not_pils_decides_and_pils_is_restored(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as if PIL's own limit were low
+    write_image(tmp_path / "d" / "a" / "0.png", (1, 1, 1), size=(64, 64))
+    write_image(tmp_path / "d" / "b" / "0.png", (1, 1, 1), size=(10, 10))
+    src = read_image_tree(str(tmp_path / "d"), 8, max_image_pixels=5000)
+    assert src.skipped_files == [] and len(src.splits["train"]) == 2
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_over_the_limit_files_are_never_decoded(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real_load(self))
+    write_image(tmp_path / "d" / "a" / "0.png", (1, 1, 1), size=(64, 64))
+    write_image(tmp_path / "d" / "b" / "0.png", (1, 1, 1), size=(10, 10))
+    read_image_tree(str(tmp_path / "d"), 8, max_image_pixels=1000)
+    assert (64, 64) not in loads and (10, 10) in loads
+
+
+@pytest.mark.parametrize(
+    "exc", [SyntaxError("broken plugin"), IndexError("tuple index"), Image.DecompressionBombError("bomb"),
+            Image.DecompressionBombWarning("bomb"), ZeroDivisionError("division by zero")],
+)
+def test_whatever_a_decoder_raises_costs_one_file(tmp_path, monkeypatch, exc):
+    import pipeline.data.images as images
+
+    real = images._to_rgb
+
+    def flaky(im):
+        if im.size == (13, 13):
+            raise exc
+        return real(im)
+
+    monkeypatch.setattr(images, "_to_rgb", flaky)
+    write_image(tmp_path / "d" / "a" / "odd.png", (1, 1, 1), size=(13, 13))
+    write_image(tmp_path / "d" / "a" / "0.png", (1, 1, 1))
+    write_image(tmp_path / "d" / "b" / "0.png", (1, 1, 1))
+    src = read_image_tree(str(tmp_path / "d"), 8)
+    assert src.skipped_files == [f"a/odd.png: {type(exc).__name__}: {exc}"]
+    assert len(src.splits["train"]) == 2
