@@ -11,7 +11,8 @@ of a key (`test_precision_<class>`), so its key is kept stricter, to be safe any
   `_`, it is cut to fit, and `-` plus the first 8 hex digits of the SHA-256 of the original name is
   appended: `bird (small)` -> `bird _small_-<8 hex>`;
 - names whose keys would be equal, ignoring case (case-insensitive file systems and databases
-  hold MLflow stores too), all get the hashed form, so distinct names keep distinct keys.
+  hold MLflow stores too), all get the hashed form, so distinct names keep distinct keys; so does
+  a name whose key would equal a reserved word the caller names (`macro` beside `test_f1_macro`).
 
 A name's key depends on that name alone unless it collides with another name's key. No `/` or
 `:` ever appears in a key, so it cannot turn a file name into a path either.
@@ -23,6 +24,7 @@ import hashlib
 import re
 import unicodedata
 from collections import defaultdict
+from collections.abc import Collection
 
 MLFLOW_MAX_KEY_CHARS = 250  # MLflow's MAX_ENTITY_KEY_LENGTH; the core does not import mlflow
 MAX_CLASS_KEY_CHARS = 100  # leaves 150 characters for prefixes such as `test_average_precision_`
@@ -57,20 +59,25 @@ def class_key(name: str) -> str:
     return name if _is_plain(name) else _hashed_key(name)
 
 
-def _clashing(keys: dict[str, str]) -> list[str]:
+def _clashing(keys: dict[str, str], reserved: set[str]) -> list[str]:
     groups: dict[str, list[str]] = defaultdict(list)
     for name, key in keys.items():
         groups[key.casefold()].append(name)
-    return sorted(name for group in groups.values() if len(group) > 1 for name in group)
+    return sorted(name for key, group in groups.items() if len(group) > 1 or key in reserved for name in group)
 
 
-def class_keys(class_names: list[str]) -> dict[str, str]:
-    """{class name: key} for every name, each key allowed in an MLflow key and unique ignoring case."""
+def class_keys(class_names: list[str], reserved: Collection[str] = ()) -> dict[str, str]:
+    """{class name: key} for every name, each key allowed in an MLflow key and unique ignoring case.
+
+    `reserved`: words a key must not equal (ignoring case), e.g. ("macro", "weighted"), so that a
+    class named `macro` cannot overwrite `test_f1_macro`; such a name gets its hashed key."""
     keys = {name: class_key(name) for name in class_names}
+    taken = {word.casefold() for word in reserved}
     for rounds in range(_MAX_ROUNDS):
-        clashing = _clashing(keys)
+        clashing = _clashing(keys, taken)
         if not clashing:
             return keys
         for name in clashing:
             keys[name] = _hashed_key(name, rounds)
-    raise ValueError(f"could not give distinct keys to class names {_clashing(keys)[:5]}")  # unreachable in practice
+    # Unreachable in practice: it would take a SHA-256 prefix clash in every one of 16 salted rounds.
+    raise ValueError(f"could not give distinct keys to class names {_clashing(keys, taken)[:5]}")

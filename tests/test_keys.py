@@ -104,3 +104,10 @@ def test_mlflow_limit_constant_matches_mlflow():
 def test_names_mlflow_refuses_are_changed(name):
     """Guard the test itself: these names as keys would be refused or unsafe, so they must change."""
     assert class_key(name) != name
+
+
+def test_reserved_words_get_hashed_keys_so_averages_are_not_overwritten():
+    keys = class_keys(["macro", "Weighted", "cat"], reserved=("macro", "weighted"))
+    assert keys["macro"].startswith("macro-") and keys["Weighted"].startswith("Weighted-")
+    assert keys["cat"] == "cat"
+    assert class_keys(["macro"]) == {"macro": "macro"}  # nothing reserved, nothing changed

@@ -242,7 +242,8 @@ def test_choose_split_prefers_the_wanted_split_and_names_those_found(tmp_path):
     assert choose_split(tree, "train") == "train" and choose_split(tree, "test") == "test"
     with pytest.raises(PipelineError) as info:
         choose_split(tree, "val")
-    assert str(info.value) == f"{str(tmp_path / 'tree')!r} has no val/ split; it has train/, test/: set split to one of train, test"
+    where = repr(str(tmp_path / "tree"))
+    assert str(info.value) == f"{where} has no val/ split; it has train/, test/: set split to one of train, test"
 
 
 def test_decode_tree_decodes_only_the_splits_asked(tmp_path):

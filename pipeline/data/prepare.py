@@ -67,5 +67,7 @@ def split_source(src: SourceImages, cfg: PrepareConfig) -> DatasetSplits:
 
 def prepare_dataset(cfg: PrepareConfig) -> tuple[DatasetSplits, list[str]]:
     """Load the configured source and carve it; returns the splits and the skipped file names."""
-    src = load_source(cfg.source, cfg.data_dir, cfg.image_size, cfg.on_bad_image, cfg.max_image_pixels, cfg.class_subset)
+    src = load_source(
+        cfg.source, cfg.data_dir, cfg.image_size, cfg.on_bad_image, cfg.max_image_pixels, cfg.class_subset
+    )
     return split_source(src, cfg), src.skipped_files

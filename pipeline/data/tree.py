@@ -209,8 +209,9 @@ def scan_image_tree(path: str) -> ImageTree:
         )
     _check_splits_share_classes(path, by_split)
     class_names = sorted({cls for by_class in by_split.values() for cls in by_class})
+    label = {cls: i for i, cls in enumerate(class_names)}
     files = {
-        split: [(name, class_names.index(cls), data) for cls in sorted(by_class) for name, data in by_class[cls]]
+        split: [(name, label[cls], data) for cls in sorted(by_class) for name, data in by_class[cls]]
         for split, by_class in by_split.items()
     }
     return ImageTree(path, class_names, files, split_layout, skipped)
@@ -259,7 +260,8 @@ def decode_tree(
         for split in tree.split_names:
             if splits is not None and split not in splits:
                 continue
-            images, labels, bad = _decode_files(tree.files[split], image_size, on_bad_image, max_image_pixels, tree.path)
+            files = tree.files[split]
+            images, labels, bad = _decode_files(files, image_size, on_bad_image, max_image_pixels, tree.path)
             skipped += bad
             if images:
                 out[split] = ImageSet(np.stack(images), np.asarray(labels, np.int64))
