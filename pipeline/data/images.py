@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 (the data layer's default too)
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
