@@ -23,6 +23,11 @@ MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
 SPLITS = ("train", "val", "test")
 ON_BAD_IMAGE = ("skip", "fail")
 NUM_STAGES = 5  # stem, layer1, layer2, layer3, layer4
+# PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS outright (it only warns above 1x), so this
+# default keeps every image that PIL decodes by default decodable here.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+MAX_IMAGE_PIXELS_HELP = ("image folders: files with more pixels (width x height) are skipped undecoded, "
+                         "as on_bad_image says; 0 = no limit")
 
 
 def opt(default, help: str):
@@ -50,6 +55,11 @@ def _non_negative(name: str, value: float) -> None:
         raise PipelineError(f"{name}={value} must be >= 0")
 
 
+def _pixel_limit(value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise PipelineError(f"max_image_pixels={value} must be an integer >= 0 (0 = no limit), e.g. 178956970")
+
+
 def _plain_name(name: str, value: str) -> None:
     if "'" in value or '"' in value:
         raise PipelineError(f"{name}={value!r} contains a quote; use a plain name, e.g. cifar10-resnet18")
@@ -65,6 +75,7 @@ class PrepareConfig:
     classes: str = opt("", "comma-separated subset of class names; empty = all")
     samples_per_class: int = opt(0, "cap on training images per class (0 = all); val/test are not capped")
     on_bad_image: str = opt("skip", "skip (and count) or fail on files that are not decodable images")
+    max_image_pixels: int = opt(DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_HELP)
     seed: int = opt(0, "random seed for the stratified split and the per-class cap")
 
     def __post_init__(self) -> None:
@@ -80,6 +91,7 @@ class PrepareConfig:
         if self.samples_per_class < 0:
             raise PipelineError(f"samples_per_class={self.samples_per_class} must be >= 0 (0 = all)")
         _choice("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
+        _pixel_limit(self.max_image_pixels)
 
     @property
     def class_subset(self) -> list[str]:
@@ -165,6 +177,7 @@ class EvaluateConfig:
     precision: str = opt("auto", "auto | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda")
     on_bad_image: str = opt("skip", "image folders: skip (and count) or fail on unreadable files")
+    max_image_pixels: int = opt(DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_HELP)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -175,6 +188,7 @@ class EvaluateConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
         _choice("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
+        _pixel_limit(self.max_image_pixels)
         if self.batch_size < 1:
             raise PipelineError(f"batch_size={self.batch_size} must be an integer >= 1")
 

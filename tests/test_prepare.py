@@ -80,3 +80,49 @@ def test_store_round_trip_and_sha256_check(tmp_path):
 def test_a_folder_without_manifest_is_not_a_dataset(tmp_path):
     with pytest.raises(PipelineError, match="not a dataset artifact"):
         load_dataset(str(tmp_path))
+
+
+def test_max_image_pixels_defaults_to_pils_refusal_threshold_and_is_validated():
+    from PIL import Image
+
+    from pipeline.config import EvaluateConfig
+
+    assert PrepareConfig().max_image_pixels == 2 * Image.MAX_IMAGE_PIXELS == 178956970
+    assert EvaluateConfig(model="m", data="d").max_image_pixels == 178956970
+    for bad in (-1, 1.5):
+        with pytest.raises(PipelineError, match=f"max_image_pixels={bad} must be an integer >= 0"):
+            PrepareConfig(max_image_pixels=bad)
+        with pytest.raises(PipelineError, match=f"max_image_pixels={bad} must be an integer >= 0"):
+            EvaluateConfig(model="m", data="d", max_image_pixels=bad)
+
+
+AWKWARD_CLASSES = ["bird (small)", "it's \"quoted\"", "a+b & c#d%e,f;g", "7 up", "猫", "кошка", "n" * 150]
+
+
+def test_prepare_keeps_awkward_class_names_exactly(tmp_path):
+    from pipeline.data.prepare import prepare_dataset
+    from tests.conftest import write_image
+
+    for i, cls in enumerate(AWKWARD_CLASSES):
+        for j in range(10):
+            write_image(tmp_path / "d" / cls / f"{j}.png", (i * 30, j * 20, 0), size=(9, 9))
+    ds, skipped = prepare_dataset(PrepareConfig(source=str(tmp_path / "d"), image_size=8, val_fraction=0.2))
+    assert ds.class_names == sorted(AWKWARD_CLASSES) and skipped == []
+    assert np.bincount(ds.splits["test"].labels).tolist() == [1] * len(AWKWARD_CLASSES)
+
+
+def test_folder_class_subset_is_checked_before_any_image_is_decoded(tmp_path, monkeypatch):
+    import pipeline.data.tree as tree
+    from pipeline.data.prepare import prepare_dataset
+    from tests.conftest import write_image
+
+    decoded = []
+    monkeypatch.setattr(tree, "decode_image", lambda *args: decoded.append(args))
+    for cls in ("a", "b"):
+        write_image(tmp_path / "d" / cls / "0.png", (1, 1, 1))
+    with pytest.raises(PipelineError, match="classes zebra not in the source; available: a, b"):
+        prepare_dataset(PrepareConfig(source=str(tmp_path / "d"), classes="a,zebra"))
+    write_image(tmp_path / "t" / "test" / "a" / "0.png", (1, 1, 1))
+    with pytest.raises(PipelineError, match="has no train/ split"):
+        prepare_dataset(PrepareConfig(source=str(tmp_path / "t")))
+    assert decoded == []

@@ -7,20 +7,14 @@ from sklearn.model_selection import train_test_split
 
 from pipeline.config import PrepareConfig
 from pipeline.data.imageset import DatasetSplits, ImageSet
-from pipeline.data.sources import SourceImages, load_source
+from pipeline.data.sources import SourceImages, check_class_subset, load_source
 from pipeline.errors import PipelineError
 
 
 def _select_classes(src: SourceImages, wanted: list[str]) -> SourceImages:
     if not wanted:
         return src
-    missing = [c for c in wanted if c not in src.class_names]
-    if missing:
-        raise PipelineError(
-            f"classes {', '.join(missing)} not in the source; available: {', '.join(src.class_names)}"
-        )
-    if len(set(wanted)) < 2:
-        raise PipelineError("classes must name at least two distinct classes (or be empty for all)")
+    check_class_subset(wanted, src.class_names)
     keep = [i for i, c in enumerate(src.class_names) if c in wanted]  # source order is kept
     remap = np.full(len(src.class_names), -1, np.int64)
     remap[keep] = np.arange(len(keep))
@@ -73,5 +67,7 @@ def split_source(src: SourceImages, cfg: PrepareConfig) -> DatasetSplits:
 
 def prepare_dataset(cfg: PrepareConfig) -> tuple[DatasetSplits, list[str]]:
     """Load the configured source and carve it; returns the splits and the skipped file names."""
-    src = load_source(cfg.source, cfg.data_dir, cfg.image_size, cfg.on_bad_image)
+    src = load_source(
+        cfg.source, cfg.data_dir, cfg.image_size, cfg.on_bad_image, cfg.max_image_pixels, cfg.class_subset
+    )
     return split_source(src, cfg), src.skipped_files
