@@ -29,10 +29,13 @@ def score_net(net, images: np.ndarray, labels: np.ndarray, class_names: list[str
               precision: str, tta=False, batch_size=EVAL_BATCH) -> EvaluationReport:
     """evaluate_images with the network moved to `device` (channels_last) under `precision`'s autocast."""
     net.to(device, memory_format=torch.channels_last)
-    return evaluate_images(net, images, labels, class_names, prefix, resolve_amp_dtype(precision, device), tta, batch_size)
+    amp_dtype = resolve_amp_dtype(precision, device)
+    return evaluate_images(net, images, labels, class_names, prefix, amp_dtype, tta, batch_size)
 
 
-def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, amp_dtype, tta=False, batch_size=EVAL_BATCH) -> EvaluationReport:
+def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, amp_dtype,
+                    tta=False, batch_size=EVAL_BATCH) -> EvaluationReport:
+    """Score `net` (on its device) on uint8 images: `prefix`_* metrics, per-class table, report, confusion."""
     device = next(net.parameters()).device
     logits = predict_logits(net, torch.from_numpy(images).to(device), amp_dtype, tta, batch_size)
     probs = torch.softmax(logits, 1).cpu().numpy()
@@ -46,6 +49,8 @@ def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: li
         for row in table.itertuples():
             for m in ("precision", "recall", "f1"):
                 metrics[f"{prefix}_{m}_{row[1]}"] = float(getattr(row, m))
-        metrics.update({f"{prefix}_average_precision_{name}": float(v) for name, v in zip(class_names, ap) if not np.isnan(v)})
-    return EvaluationReport(metrics, table, report_text(labels, pred, class_names), confusion(labels, pred, len(class_names)), probs, labels, ap)
+        metrics.update({f"{prefix}_average_precision_{name}": float(v)
+                        for name, v in zip(class_names, ap) if not np.isnan(v)})
+    cm = confusion(labels, pred, len(class_names))
+    return EvaluationReport(metrics, table, report_text(labels, pred, class_names), cm, probs, labels, ap)
 
