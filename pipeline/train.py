@@ -153,7 +153,8 @@ def fit(
     return FitResult(state.best_epoch, best_metrics, state.history, stopped_early)
 
 
-def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, world: World) -> tuple[Setup, LoopState]:
+def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig,
+           world: World = SINGLE) -> tuple[Setup, LoopState]:
     """Move the net and the data to the device; build the optimizer, schedule, EMA, DDP wrapper and
     generators. Refuses (on every rank alike) data that cannot be trained or validated on."""
     if len(val) == 0:
