@@ -153,8 +153,7 @@ def fit(
     return FitResult(state.best_epoch, best_metrics, state.history, stopped_early)
 
 
-def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig,
-           world: World = SINGLE) -> tuple[Setup, LoopState]:
+def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, world: World) -> tuple[Setup, LoopState]:
     """Move the net and the data to the device; build the optimizer, schedule, EMA, DDP wrapper and
     generators. Refuses (on every rank alike) data that cannot be trained or validated on."""
     if len(val) == 0:
@@ -288,7 +287,8 @@ def _train_step(setup: Setup, state: LoopState, x: torch.Tensor, y: torch.Tensor
         checked = sum_across(summed.clone(), setup.world) / batch_n if setup.world.size > 1 else loss
         if not torch.isfinite(checked).item():
             raise mark_raised_on_every_rank(NonFiniteLossError(
-                f"training loss became {checked.item()} at epoch {epoch} step {step}; lower lr (now {cfg.lr}) or use precision=fp32"
+                f"training loss became {checked.item()} at epoch {epoch} step {step}; "
+                f"lower lr (now {cfg.lr}) or use precision=fp32"
             ))
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
