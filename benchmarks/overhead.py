@@ -36,7 +36,8 @@ from pipeline.checkpoint import save_atomic
 from pipeline.config import PrepareConfig, TrainConfig
 from pipeline.data.prepare import prepare_dataset
 from pipeline.models import create_model
-from pipeline.train import VAL_KEYS, FitResult, fit, resolve_device, seed_everything
+from pipeline.device import resolve_device
+from pipeline.train import VAL_KEYS, FitResult, fit, seed_everything
 
 TRAIN_CFG = dict(arch="resnet18", epochs=2, batch_size=64, lr=0.05, augment="none", precision="auto", device="cpu", seed=0)
 

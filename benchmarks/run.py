@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.throughput import CPU_CASES, Case, compare  # noqa: E402
-from pipeline.train import _cpu_has_fast_bf16, resolve_amp_dtype, resolve_device  # noqa: E402
+from pipeline.device import cpu_has_fast_bf16, resolve_amp_dtype, resolve_device  # noqa: E402
 
 DEFAULT_ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10-jpeg-train.tar.gz")
 
@@ -66,7 +66,7 @@ def system_record(device: str, precision: str) -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
-        "cpu_fast_bf16": _cpu_has_fast_bf16(),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),
         "device": dev.type,
         "pipeline_precision": str(amp).replace("torch.", "") if amp else "fp32",
         "loadavg_1m": round(os.getloadavg()[0], 2),

@@ -2,7 +2,7 @@
 
 The pipeline side *is* the product: pipeline.train.fit() on an ImageSet, i.e. the uint8 tensor
 loader with batch augmentation (pipeline.data.loader.iter_train_batches), channels_last, and the
-autocast dtype pipeline.train.resolve_amp_dtype picks for the hardware. Its figure is fit()'s own
+autocast dtype pipeline.device.resolve_amp_dtype picks for the hardware. Its figure is fit()'s own
 `images_per_sec` of one epoch of `steps` batches, measured after a warm-up fit() of `warmup`
 batches on the same net (oneDNN/cuDNN pick and cache their kernels on first use).
 
@@ -28,7 +28,8 @@ from benchmarks.classic import classic_throughput
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.models import create_model
-from pipeline.train import fit, resolve_amp_dtype, resolve_device
+from pipeline.device import resolve_amp_dtype, resolve_device
+from pipeline.train import fit
 
 NUM_CLASSES = 10
 VAL_IMAGES = 64  # fit() needs a validation split; it is scored after the timed epoch, untimed

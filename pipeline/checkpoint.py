@@ -1,13 +1,53 @@
-"""Checkpoints written atomically and read back without unpickling arbitrary objects."""
+"""Checkpoints: what a resumable one holds, written atomically, read back without unpickling
+arbitrary objects."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.train import LoopState
+
+
+# The checkpoint's contents: checkpoint_state writes exactly the keys restore_state reads. The keys
+# are a format: checkpoints of runs interrupted before a change must still resume after it.
+def checkpoint_state(loop: LoopState) -> dict:
+    """Everything fit() needs to continue after `loop.epoch` as if it had never stopped."""
+    return {
+        "model": loop.net.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
+        "ema": loop.ema.state_dict() if loop.ema is not None else None,
+        "generator": loop.gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": loop.epoch,
+        "best_value": loop.best_value,
+        "best_model": loop.best_model,
+        "history": loop.history,
+        "stale_epochs": loop.stale_epochs,
+    }
+
+
+def restore_state(loop: LoopState, state: dict) -> None:
+    """Put a checkpoint_state dict back into a freshly set-up loop (same config, same net)."""
+    loop.net.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    if loop.scheduler is not None and state.get("scheduler"):
+        loop.scheduler.load_state_dict(state["scheduler"])
+    if loop.ema is not None and state.get("ema"):
+        loop.ema.load_state_dict(state["ema"])
+    loop.gen.set_state(state["generator"].to(loop.gen.get_state().device))
+    torch.set_rng_state(state["torch_rng"])
+    loop.epoch = state["epoch"]
+    loop.best_value, loop.best_model = state["best_value"], state["best_model"]
+    loop.history, loop.stale_epochs = list(state["history"]), state["stale_epochs"]
+    loop.best_epoch = max((h["epoch"] for h in loop.history if h.get("is_best")), default=0)
 
 
 def save_atomic(obj: dict, path: str) -> None:

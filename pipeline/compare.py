@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
-from pipeline.config import CompareConfig
+from pipeline.config import NUM_STAGES, CompareConfig
 from pipeline.errors import PipelineError
 from pipeline.plots import pyplot
 
@@ -274,7 +274,7 @@ def plot_comparison(table: pd.DataFrame, path: str) -> None:
         keep = frozen.notna() & y.notna()
         if keep.any():
             scatter.scatter(frozen[keep], y[keep], marker=marker, label=name)
-    scatter.set(xlabel="frozen_layers (stages frozen)", ylabel="macro F1", title="frozen layers vs F1", xlim=(-0.5, 5.5))
+    scatter.set(xlabel="frozen_layers (stages frozen)", ylabel="macro F1", title="frozen layers vs F1", xlim=(-0.5, NUM_STAGES + 0.5))
     scatter.set_xticks(range(6))
     if scatter.get_legend_handles_labels()[0]:
         scatter.legend(fontsize=7)

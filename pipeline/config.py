@@ -22,12 +22,15 @@ AUGMENTS = ("none", "basic", "strong")
 MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
 SPLITS = ("train", "val", "test")
 ON_BAD_IMAGE = ("skip", "fail")
-NUM_STAGES = 5  # stem, layer1, layer2, layer3, layer4
 # PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS outright (it only warns above 1x), so this
 # default keeps every image that PIL decodes by default decodable here.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 MAX_IMAGE_PIXELS_HELP = ("image folders: files with more pixels (width x height) are skipped undecoded, "
                          "as on_bad_image says; 0 = no limit")
+NUM_STAGES = 5  # stem, layer1, layer2, layer3, layer4: what frozen_layers counts
+# Images per inference forward pass (validation, evaluate, registry scoring). Defined here, not in
+# pipeline.device, so that the configs stay importable without torch; pipeline.device re-exports it.
+EVAL_BATCH = 512
 
 
 def opt(default, help: str):
@@ -125,7 +128,9 @@ class TrainConfig:
     system_metrics: bool = opt(True, "log CPU, memory, disk and network use (GPU too where pynvml is installed) as system/* metrics of the run; false = off")
     seed: int = opt(0, "seeds weights init, shuffling and augmentation")
     pretrained: str = opt("", "finetune only: run id, runs:/ or models:/ URI")
-    frozen_layers: int = opt(0, "finetune only: freeze the first k of stem, layer1..layer4 (0-5; 5 = head only)")
+    frozen_layers: int = opt(
+        0, f"finetune only: freeze the first k of stem, layer1..layer4 (0-{NUM_STAGES}; {NUM_STAGES} = head only)"
+    )
     resume: str = opt("", "run id of an interrupted run of this step: continue it in place from its last checkpoint, with its stored config")
     register_as: str = opt("", "registered model name: after training, score on the test split and register the model (alias `champion` moves on better test macro-F1); empty = do not register")
 
@@ -157,7 +162,7 @@ class TrainConfig:
             raise PipelineError(f"patience={self.patience} must be >= 0 (0 = no early stopping)")
         if not 0 <= self.frozen_layers <= NUM_STAGES:
             raise PipelineError(
-                f"frozen_layers={self.frozen_layers} is out of range; use 0 (train all) to 5 (head only)"
+                f"frozen_layers={self.frozen_layers} is out of range; use 0 (train all) to {NUM_STAGES} (head only)"
             )
         if self.arch == "resnet9" and self.weights == "imagenet":
             raise PipelineError("arch=resnet9 has no ImageNet weights; use weights=none or a resnet arch")
@@ -172,7 +177,7 @@ class EvaluateConfig:
     model: str = opt("", "run id, runs:/ or models:/ URI of a trained model")
     data: str = opt("", "prepare_data run id, dataset URI, or an image folder/archive path")
     split: str = opt("test", "train | val | test (an image folder: its test/ folder, else all images)")
-    batch_size: int = opt(512, "images per inference batch")
+    batch_size: int = opt(EVAL_BATCH, "images per inference batch")
     tta: bool = opt(False, "average predictions over the image and its horizontal flip")
     precision: str = opt("auto", "auto | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda")
@@ -221,7 +226,7 @@ class TuneConfig:
     wd_min: float = opt(1e-6, "smallest weight decay tried (log-uniform, > 0)")
     wd_max: float = opt(1e-2, "largest weight decay tried")
     frozen_min: int = opt(0, "fewest frozen stages tried (0 = train everything)")
-    frozen_max: int = opt(NUM_STAGES, "most frozen stages tried (5 = head only)")
+    frozen_max: int = opt(NUM_STAGES, f"most frozen stages tried ({NUM_STAGES} = head only)")
     augment: str = opt("basic", "none | basic (random crop, padding 1/8 of the side, + flip) | strong (+ rotation and scale)")
     precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda")

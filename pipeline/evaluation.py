@@ -1,4 +1,4 @@
-"""Score a model on images: predictions, metrics, per-class table, confusion matrix figure."""
+"""Score a model on images: predictions, metrics, per-class table, confusion matrix."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pandas as pd
 import torch
 
 from pipeline.metrics import average_precision, confusion, per_class_table, report_text, summary_metrics
-from pipeline.plots import pyplot
-from pipeline.train import predict_logits, resolve_amp_dtype
+from pipeline.device import EVAL_BATCH, predict_logits, resolve_amp_dtype
 
 MAX_PER_CLASS_METRICS = 20  # beyond this many classes, per-class numbers go to the CSV table only
 
@@ -27,13 +26,16 @@ class EvaluationReport:
 
 
 def score_net(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, device: torch.device,
-              precision: str, tta=False, batch_size=512) -> EvaluationReport:
+              precision: str, tta=False, batch_size=EVAL_BATCH) -> EvaluationReport:
     """evaluate_images with the network moved to `device` (channels_last) under `precision`'s autocast."""
     net.to(device, memory_format=torch.channels_last)
-    return evaluate_images(net, images, labels, class_names, prefix, resolve_amp_dtype(precision, device), tta, batch_size)
+    amp_dtype = resolve_amp_dtype(precision, device)
+    return evaluate_images(net, images, labels, class_names, prefix, amp_dtype, tta, batch_size)
 
 
-def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, amp_dtype, tta=False, batch_size=512) -> EvaluationReport:
+def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, amp_dtype,
+                    tta=False, batch_size=EVAL_BATCH) -> EvaluationReport:
+    """Score `net` (on its device) on uint8 images: `prefix`_* metrics, per-class table, report, confusion."""
     device = next(net.parameters()).device
     logits = predict_logits(net, torch.from_numpy(images).to(device), amp_dtype, tta, batch_size)
     probs = torch.softmax(logits, 1).cpu().numpy()
@@ -47,24 +49,8 @@ def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: li
         for row in table.itertuples():
             for m in ("precision", "recall", "f1"):
                 metrics[f"{prefix}_{m}_{row[1]}"] = float(getattr(row, m))
-        metrics.update({f"{prefix}_average_precision_{name}": float(v) for name, v in zip(class_names, ap) if not np.isnan(v)})
-    return EvaluationReport(metrics, table, report_text(labels, pred, class_names), confusion(labels, pred, len(class_names)), probs, labels, ap)
+        metrics.update({f"{prefix}_average_precision_{name}": float(v)
+                        for name, v in zip(class_names, ap) if not np.isnan(v)})
+    cm = confusion(labels, pred, len(class_names))
+    return EvaluationReport(metrics, table, report_text(labels, pred, class_names), cm, probs, labels, ap)
 
-
-def plot_confusion(cm: np.ndarray, class_names: list[str]):
-    plt = pyplot()
-    n = len(class_names)
-    size = max(4.0, 0.5 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 30:
-        threshold = cm.max() / 2 if cm.size else 0
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if cm[i, j] > threshold else "black")
-    fig.tight_layout()
-    return fig

@@ -90,22 +90,35 @@ def create_model(arch: str, num_classes: int, dropout: float = 0.0, weights: str
 
 
 def stages(model: nn.Module) -> list[list[nn.Module]]:
-    """The five freezable stages in order: stem, layer1, layer2, layer3, layer4."""
+    """The config.NUM_STAGES freezable stages in order: stem, layer1, layer2, layer3, layer4."""
     return [[model.conv1, model.bn1], [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
 
 
-def freeze(model: nn.Module, depth: int) -> None:
-    """Freeze the first `depth` stages (0 = none, 5 = everything but the head)."""
+def freeze(model: nn.Module, frozen_layers: int) -> None:
+    """Freeze the first `frozen_layers` stages (0 = none, config.NUM_STAGES = all but the head).
+
+    requires_grad is the one record of what is frozen: set_train_mode reads it back.
+    """
     for i, stage in enumerate(stages(model)):
         for module in stage:
             for p in module.parameters():
-                p.requires_grad_(i >= depth)
+                p.requires_grad_(i >= frozen_layers)
 
 
-def set_train_mode(model: nn.Module, frozen_depth: int) -> None:
-    """model.train(), except that BatchNorm in frozen stages keeps its running statistics."""
+def frozen_stages(model: nn.Module) -> list[list[nn.Module]]:
+    """The stages with parameters none of which is trainable (what freeze() left frozen)."""
+    def is_frozen(stage: list[nn.Module]) -> bool:
+        params = [p for module in stage for p in module.parameters()]
+        return bool(params) and not any(p.requires_grad for p in params)
+
+    return [stage for stage in stages(model) if is_frozen(stage)]
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """model.train(), except that frozen stages stay in eval mode, so their BatchNorm keeps its
+    running statistics (they would otherwise drift towards the new data while the weights stay)."""
     model.train()
-    for stage in stages(model)[:frozen_depth]:
+    for stage in frozen_stages(model):
         for module in stage:
             module.eval()
 

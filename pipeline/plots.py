@@ -1,4 +1,5 @@
-"""Figures the evaluate step logs besides the confusion matrix; all drawn headless (Agg)."""
+"""Figures the evaluate step logs: confusion matrix, precision-recall curves, misclassified images;
+all drawn headless (Agg)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from sklearn.metrics import precision_recall_curve
 
 MAX_GRID_IMAGES = 25
 MAX_LEGEND_CLASSES = 20  # beyond this many curves a legend hides the plot
+MAX_ANNOTATED_CLASSES = 30  # beyond this many classes the counts in the confusion matrix cells are unreadable
 
 
 def pyplot():
@@ -63,5 +65,27 @@ def precision_recall_figure(labels: np.ndarray, probs: np.ndarray, class_names: 
            title=f"precision-recall per class (one vs rest); macro AP {np.nanmean(ap):.3f}")
     if len(class_names) <= MAX_LEGEND_CLASSES:
         ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str]):
+    """The confusion matrix as a heat map, true class by row; counts in the cells up to
+    MAX_ANNOTATED_CLASSES classes."""
+    plt = pyplot()
+    n = len(class_names)
+    size = max(4.0, 0.5 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= MAX_ANNOTATED_CLASSES:
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                color = "white" if cm[i, j] > threshold else "black"
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8, color=color)
     fig.tight_layout()
     return fig

@@ -14,7 +14,7 @@ from pipeline import tracking
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
 from pipeline.models import build_logged_net
-from pipeline.train import resolve_device
+from pipeline.device import resolve_device
 
 CHAMPION = "champion"
 TEST_METRICS = ("test_accuracy", "test_f1_macro", "test_precision_macro", "test_recall_macro")

@@ -28,7 +28,7 @@ from mlflow.types import Schema, TensorSpec
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data.store import load_dataset
-from pipeline.evaluation import plot_confusion
+from pipeline.plots import plot_confusion
 from pipeline.errors import PipelineError
 from pipeline.serving import META_ARTIFACT, WEIGHTS_ARTIFACT, predictions_frame
 

@@ -21,10 +21,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline.checkpoint import save_atomic
+from pipeline.checkpoint import checkpoint_state, restore_state, save_atomic
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
-from pipeline.data.loader import iter_eval_batches, iter_train_batches
+from pipeline.data.loader import iter_train_batches
+from pipeline.device import autocast, predict_logits, resolve_amp_dtype, resolve_device
 from pipeline.distributed import (
     SINGLE,
     World,
@@ -41,7 +42,6 @@ from pipeline.metrics import summary_metrics
 from pipeline.models import set_train_mode
 
 VAL_KEYS = ("val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro")
-EVAL_BATCH = 512
 CUDA_FINITE_CHECK_EVERY = 20  # steps; each check is a host sync on GPUs (free on CPU)
 
 
@@ -49,70 +49,135 @@ class NonFiniteLossError(PipelineError):
     pass
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise PipelineError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
-        return torch.device("cuda")
-    return torch.device("cpu")
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    # Only AMX makes bf16 convolutions fast; AVX512-BF16 alone measured slower than fp32 here.
-    return "amx_bf16" in flags
+EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def resolve_amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the hardware runs it fast (AMX CPUs, bf16 GPUs), else fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
+@dataclass
+class Setup:
+    """What fit() fixes before the first epoch and never changes: where, how, and on what it trains."""
+
+    cfg: TrainConfig
+    world: World
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    model: nn.Module  # what a training step calls: the net, under DDP and torch.compile where asked
+    steps_per_epoch: int
+    epoch_images: int  # images trained on per epoch, over all processes
+
+
+@dataclass
+class LoopState:
+    """What fit() carries from one epoch to the next: exactly what a checkpoint saves and restores
+    (pipeline.checkpoint.checkpoint_state / restore_state)."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    ema: torch.optim.swa_utils.AveragedModel | None
+    gen: torch.Generator  # the shuffle order (one process: the augmentation draws too)
+    aug_gen: torch.Generator  # the augmentation draws; several processes: one stream per rank
+    epoch: int = 0  # the last finished epoch
+    best_value: float | None = None
+    best_epoch: int = 0
+    best_model: dict | None = None  # the scored weights of best_epoch, on the CPU
+    history: list[dict[str, float]] = field(default_factory=list)
+    stale_epochs: int = 0  # epochs since the monitored metric last improved
+
+    @property
+    def scored(self) -> nn.Module:
+        """The weights that are validated and kept: the EMA average where there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+
+def fit(
+    net: nn.Module,
+    train: ImageSet,
+    val: ImageSet,
+    cfg: TrainConfig,
+    num_classes: int,
+    on_epoch: EpochCallback | None = None,
+    checkpoint_path: str | None = None,
+    resume_state: dict | None = None,
+    world: World = SINGLE,
+) -> FitResult:
+    """Train `net` in place and leave it holding the best epoch's weights.
+
+    on_epoch(epoch, metrics) is called after each epoch (epochs count from 1); it may raise to
+    stop training (Optuna pruning does). With checkpoint_path, a resumable checkpoint is written
+    atomically after every epoch; resume_state (a loaded checkpoint) continues from it.
+
+    With world.size > 1 (torchrun, process group joined) every rank calls fit() on the same data:
+    cfg.batch_size stays the global batch, each rank trains on its shard of every global batch
+    under DistributedDataParallel, and every rank gets the same metrics. Callers pass on_epoch and
+    checkpoint_path on rank 0 only.
+    """
+    setup, state = set_up(net, train, val, cfg, world)
+    if resume_state is not None:
+        restore_state(state, resume_state)
+    stopped_early = False
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        trained = train_one_epoch(setup, state, epoch)
+        broadcast_buffers(state.scored, world)
+        metrics = {
+            "train_loss": trained["train_loss"],
+            "train_accuracy": trained["train_accuracy"],
+            **validate(state.scored, setup.val_x, setup.val_y, setup.amp_dtype, num_classes, cfg.tta, world=world),
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "images_per_sec": trained["images_per_sec"],
+        }
+        if state.scheduler is not None and cfg.schedule == "plateau":
+            state.scheduler.step(metrics[cfg.monitor])
+        keep_the_best(state, epoch, metrics, cfg.monitor)
+        if checkpoint_path:
+            save_atomic(checkpoint_state(state), checkpoint_path)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if cfg.patience and state.stale_epochs >= cfg.patience:
+            stopped_early = True
+            break
+    net.load_state_dict(state.best_model)
+    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    best_metrics = {k: v for k, v in best.items() if k not in ("epoch", "is_best")}
+    return FitResult(state.best_epoch, best_metrics, state.history, stopped_early)
+
+
+def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, world: World) -> tuple[Setup, LoopState]:
+    """Move the net and the data to the device; build the optimizer, schedule, EMA, DDP wrapper and
+    generators. Refuses (on every rank alike) data that cannot be trained or validated on."""
+    if len(val) == 0:
+        message = "the dataset has no validation images; re-run prepare_data with val_fraction > 0"
+        raise mark_raised_on_every_rank(PipelineError(message))
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if _cpu_has_fast_bf16() else None
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-
-
-@torch.no_grad()
-def predict_logits(
-    net: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None, tta: bool = False, batch_size: int = EVAL_BATCH
-) -> torch.Tensor:
-    """Float32 logits for uint8 NHWC images already on the model's device (eval mode)."""
-    was_training = net.training
-    net.eval()
-    out = []
-    for x in iter_eval_batches(images, batch_size):
-        with _autocast(images.device, amp_dtype):
-            logits = net(x).float()
-            if tta:  # horizontal-flip test-time augmentation: average both views
-                logits = (logits + net(x.flip(3)).float()) / 2
-        out.append(logits)
-    net.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def evaluate_split(net, images, labels, amp_dtype, num_classes, tta=False, world: World = SINGLE) -> dict[str, float]:
-    """Validation metrics. Several processes: each scores its shard_range rows, and the logits are
-    gathered back in order on every rank, so the metrics equal one process's and agree on all ranks."""
-    if world.size > 1:
-        start, stop = shard_range(len(images), world.rank, world.size)
-        local = predict_logits(net, images[start:stop], amp_dtype, tta).reshape(stop - start, num_classes)
-        logits = gather_rows(local.to(images.device), len(images), world)
-    else:
-        logits = predict_logits(net, images, amp_dtype, tta)
-    loss = F.cross_entropy(logits, labels).item()
-    pred = logits.argmax(1).cpu().numpy()
-    metrics = summary_metrics(labels.cpu().numpy(), pred, num_classes, "val")
-    return {"val_loss": loss, **{k: metrics[k] for k in VAL_KEYS}}
+        torch.backends.cudnn.benchmark = True
+    net.to(device, memory_format=torch.channels_last)
+    steps_per_epoch, epoch_images = count_epoch(len(train), cfg.batch_size, world.size)
+    if steps_per_epoch == 0:
+        raise mark_raised_on_every_rank(PipelineError(
+            f"the training split has {len(train)} image(s); training on {world.size} process(es) "
+            f"needs at least {world.size}"
+        ))
+    optimizer = _make_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
+    scheduler = _make_scheduler(optimizer, cfg, steps_per_epoch)
+    ema = _make_ema(net, cfg.ema)
+    model = _wrap_for_steps(net, device, world, cfg.compile)
+    gen, aug_gen = _make_generators(device, cfg.seed, world)
+    tensors = [torch.from_numpy(a).to(device) for a in (train.images, train.labels, val.images, val.labels)]
+    setup = Setup(cfg, world, device, resolve_amp_dtype(cfg.precision, device), *tensors, model,
+                  steps_per_epoch, epoch_images)
+    return setup, LoopState(net, optimizer, scheduler, ema, gen, aug_gen)
 
 
 def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -141,203 +206,143 @@ def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     return None
 
 
-def _better(value: float, best: float | None, monitor: str) -> bool:
-    if best is None:
-        return True
-    return value < best if monitor == "val_loss" else value > best
+def _make_ema(net: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    if decay <= 0:
+        return None
+    multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
+    return torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=multi_avg_fn, use_buffers=True)
 
 
-@dataclass
-class FitResult:
-    best_epoch: int
-    best_metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-    stopped_early: bool = False
-
-
-EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-def fit(
-    net: nn.Module,
-    train: ImageSet,
-    val: ImageSet,
-    cfg: TrainConfig,
-    num_classes: int,
-    on_epoch: EpochCallback | None = None,
-    checkpoint_path: str | None = None,
-    resume_state: dict | None = None,
-    world: World = SINGLE,
-) -> FitResult:
-    """Train `net` in place and leave it holding the best epoch's weights.
-
-    on_epoch(epoch, metrics) is called after each epoch (epochs count from 1); it may raise to
-    stop training (Optuna pruning does). With checkpoint_path, a resumable checkpoint is written
-    atomically after every epoch; resume_state (a loaded checkpoint) continues from it.
-
-    With world.size > 1 (torchrun, process group joined) every rank calls fit() on the same data:
-    cfg.batch_size stays the global batch, each rank trains on its shard of every global batch
-    under DistributedDataParallel, and every rank gets the same metrics. Callers pass on_epoch and
-    checkpoint_path on rank 0 only.
-    """
-    distributed = world.size > 1
-    if len(val) == 0:
-        raise mark_raised_on_every_rank(PipelineError("the dataset has no validation images; re-run prepare_data with val_fraction > 0"))
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_amp_dtype(cfg.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    net.to(device, memory_format=torch.channels_last)
-    train_x = torch.from_numpy(train.images).to(device)
-    train_y = torch.from_numpy(train.labels).to(device)
-    val_x = torch.from_numpy(val.images).to(device)
-    val_y = torch.from_numpy(val.labels).to(device)
-
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = _make_optimizer(params, cfg)
-    steps_per_epoch, epoch_images = count_epoch(len(train), cfg.batch_size, world.size)
-    if steps_per_epoch == 0:
-        raise mark_raised_on_every_rank(PipelineError(
-            f"the training split has {len(train)} image(s); training on {world.size} process(es) needs at least {world.size}"
-        ))
-    sched = _make_scheduler(opt, cfg, steps_per_epoch)
-    ema = None
-    if cfg.ema > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
-        )
+def _wrap_for_steps(net: nn.Module, device: torch.device, world: World, compile: bool) -> nn.Module:
+    """The module a training step calls: the net, under DDP with several processes, compiled if asked."""
     model = net
-    if distributed:
+    if world.size > 1:
         # BatchNorm stays per process (no SyncBatchNorm): each rank normalizes over its own
         # batch_size / world_size images, as in most data-parallel recipes, instead of paying two
         # extra all-reduces per BN layer and step (slow on CPU/gloo). Running statistics are synced
         # at construction but not every step (forward_sync_buffers=False); rank 0's are broadcast
         # before each validation, so every rank scores, saves and logs the same weights.
-        model = DistributedDataParallel(
-            net, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None, forward_sync_buffers=False
-        )
-    step_fn = torch.compile(model) if cfg.compile else model
+        device_ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+        model = DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
+    return torch.compile(model) if compile else model
+
+
+def _make_generators(device: torch.device, seed: int, world: World) -> tuple[torch.Generator, torch.Generator]:
+    """(shuffle generator, augmentation generator): one and the same in one process."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-    aug_gen = torch.Generator(device=device) if distributed else gen
+    gen.manual_seed(seed)
+    return gen, torch.Generator(device=device) if world.size > 1 else gen
 
-    start_epoch, best, best_state, history, stale = 1, None, None, [], 0
-    if resume_state is not None:
-        net.load_state_dict(resume_state["model"])
-        opt.load_state_dict(resume_state["optimizer"])
-        if sched is not None and resume_state.get("scheduler"):
-            sched.load_state_dict(resume_state["scheduler"])
-        if ema is not None and resume_state.get("ema"):
-            ema.load_state_dict(resume_state["ema"])
-        gen.set_state(resume_state["generator"].to(gen.get_state().device))
-        torch.set_rng_state(resume_state["torch_rng"])
-        start_epoch = resume_state["epoch"] + 1
-        best, best_state = resume_state["best_value"], resume_state["best_model"]
-        history, stale = list(resume_state["history"]), resume_state["stale_epochs"]
-    best_epoch = max((h["epoch"] for h in history if h.get("is_best")), default=0)
 
-    frozen_depth = cfg.frozen_layers
-    show_bar = sys.stderr.isatty() and world.is_main
-    stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        set_train_mode(net, frozen_depth)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        t0 = time.perf_counter()
-        if distributed:
-            # The same permutation on every rank (each then takes its shard of every global batch);
-            # per-rank augmentation and dropout draws. Seeded per epoch, so resuming draws the same.
-            gen.manual_seed(derive_seed(cfg.seed, epoch))
-            aug_gen.manual_seed(derive_seed(cfg.seed, epoch, world.rank))
-            torch.manual_seed(derive_seed(cfg.seed, epoch, world.rank))
-        batches = iter_train_batches(train_x, train_y, cfg.batch_size, cfg.augment, gen, aug_gen, (world.rank, world.size))
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not show_bar)
-        for step, (x, y) in enumerate(bar, 1):
-            with _autocast(device, amp_dtype):
-                logits = step_fn(x)
-                if distributed:
-                    # The shard's summed loss, scaled so that DDP's mean of the ranks' gradients is the
-                    # gradient of the global batch's mean loss (also for an uneven last batch).
-                    batch_n = min(cfg.batch_size, len(train) - (step - 1) * cfg.batch_size)
-                    shard_sum = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="sum")
-                    loss = shard_sum * (world.size / batch_n)
-                else:
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if device.type == "cpu" or step % CUDA_FINITE_CHECK_EVERY == 0:
-                # Several processes: the global batch's loss, so every rank stops at the same step.
-                checked = sum_across(shard_sum.detach().clone(), world) / batch_n if distributed else loss
-                if not torch.isfinite(checked).item():
-                    raise mark_raised_on_every_rank(NonFiniteLossError(
-                        f"training loss became {checked.item()} at epoch {epoch} step {step}; "
-                        f"lower lr (now {cfg.lr}) or use precision=fp32"
-                    ))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None and cfg.schedule != "plateau":
-                sched.step()
-            if ema is not None:
-                ema.update_parameters(net)
-            if distributed:
-                loss_sum += shard_sum.detach().float()
-            else:
-                loss_sum += loss.detach().float() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-        if distributed:
-            totals = sum_across(torch.stack([loss_sum.double(), correct.double()]), world)
-            loss_sum, correct = totals[0], totals[1].long()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.perf_counter() - t0
-        train_loss = loss_sum.item() / epoch_images
-        if not math.isfinite(train_loss):
+def train_one_epoch(setup: Setup, state: LoopState, epoch: int) -> dict[str, float]:
+    """One pass over the training split: train_loss, train_accuracy (all processes' images), images_per_sec."""
+    cfg, world, device = setup.cfg, setup.world, setup.device
+    set_train_mode(state.net)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    t0 = time.perf_counter()
+    _seed_epoch(state, cfg.seed, epoch, world)
+    batches = iter_train_batches(setup.train_x, setup.train_y, cfg.batch_size, cfg.augment, state.gen,
+                                 state.aug_gen, (world.rank, world.size))
+    bar = tqdm(batches, total=setup.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+               disable=not (sys.stderr.isatty() and world.is_main))
+    for step, (x, y) in enumerate(bar, 1):
+        logits, summed = _train_step(setup, state, x, y, epoch, step)
+        loss_sum += summed
+        correct += (logits.argmax(1) == y).sum()
+    loss_total, correct_total = sum_across(torch.stack([loss_sum.double(), correct.double()]), world).tolist()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_time = time.perf_counter() - t0
+    train_loss = loss_total / setup.epoch_images
+    if not math.isfinite(train_loss):
+        raise mark_raised_on_every_rank(NonFiniteLossError(
+            f"training loss became {train_loss} during epoch {epoch}; lower lr (now {cfg.lr}) or use precision=fp32"
+        ))
+    return {"train_loss": train_loss, "train_accuracy": correct_total / setup.epoch_images,
+            "images_per_sec": setup.epoch_images / train_time}
+
+
+def _seed_epoch(state: LoopState, seed: int, epoch: int, world: World) -> None:
+    """Several processes: the same permutation on every rank (each then takes its shard of every
+    global batch), per-rank augmentation and dropout draws. Seeded per epoch, so resuming draws the
+    same. One process: its one generator runs on across epochs (and is saved in the checkpoint)."""
+    if world.size == 1:
+        return
+    state.gen.manual_seed(derive_seed(seed, epoch))
+    state.aug_gen.manual_seed(derive_seed(seed, epoch, world.rank))
+    torch.manual_seed(derive_seed(seed, epoch, world.rank))
+
+
+def _train_step(setup: Setup, state: LoopState, x: torch.Tensor, y: torch.Tensor, epoch: int,
+                step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch: (its logits, this process's summed loss over its images)."""
+    cfg = setup.cfg
+    batch_n = min(cfg.batch_size, len(setup.train_x) - (step - 1) * cfg.batch_size)  # the global batch's images
+    with autocast(setup.device, setup.amp_dtype):
+        logits = setup.model(x)
+        loss, summed = scaled_loss(logits, y, cfg.label_smoothing, batch_n, setup.world)
+    if setup.device.type == "cpu" or step % CUDA_FINITE_CHECK_EVERY == 0:
+        # Several processes: the global batch's loss, so every rank stops at the same step.
+        checked = sum_across(summed.clone(), setup.world) / batch_n if setup.world.size > 1 else loss
+        if not torch.isfinite(checked).item():
             raise mark_raised_on_every_rank(NonFiniteLossError(
-                f"training loss became {train_loss} during epoch {epoch}; lower lr (now {cfg.lr}) or use precision=fp32"
+                f"training loss became {checked.item()} at epoch {epoch} step {step}; "
+                f"lower lr (now {cfg.lr}) or use precision=fp32"
             ))
-        scored = ema.module if ema is not None else net
-        broadcast_buffers(scored, world)
-        metrics = {
-            "train_loss": train_loss,
-            "train_accuracy": correct.item() / epoch_images,
-            **evaluate_split(scored, val_x, val_y, amp_dtype, num_classes, cfg.tta, world=world),
-            "lr": opt.param_groups[0]["lr"],
-            "images_per_sec": epoch_images / train_time,
-        }
-        if sched is not None and cfg.schedule == "plateau":
-            sched.step(metrics[cfg.monitor])
-        improved = _better(metrics[cfg.monitor], best, cfg.monitor)
-        if improved:
-            best, best_epoch, stale = metrics[cfg.monitor], epoch, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()}
-        else:
-            stale += 1
-        history.append({"epoch": epoch, "is_best": improved, **metrics})
-        if checkpoint_path:
-            save_atomic(
-                {
-                    "model": net.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "best_value": best,
-                    "best_model": best_state,
-                    "history": history,
-                    "stale_epochs": stale,
-                },
-                checkpoint_path,
-            )
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        if cfg.patience and stale >= cfg.patience:
-            stopped_early = True
-            break
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    if state.scheduler is not None and cfg.schedule != "plateau":
+        state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update_parameters(state.net)
+    return logits, summed
 
-    net.load_state_dict(best_state)
-    best_metrics = next(h for h in history if h["epoch"] == best_epoch)
-    return FitResult(best_epoch, {k: v for k, v in best_metrics.items() if k not in ("epoch", "is_best")}, history, stopped_early)
+
+def scaled_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float, batch_n: int,
+                world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to backpropagate, this process's summed loss over its images, detached).
+
+    One process: the batch's mean loss. Several: the shard's summed loss scaled by world.size /
+    batch_n (batch_n = the global batch's images), so that DDP's mean of the ranks' gradients is
+    the gradient of the global batch's mean loss, also for an uneven last batch.
+    """
+    if world.size == 1:
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        return loss, loss.detach().float() * len(y)
+    shard_sum = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum")
+    return shard_sum * (world.size / batch_n), shard_sum.detach().float()
+
+
+def validate(net, images, labels, amp_dtype, num_classes, tta=False, world: World = SINGLE) -> dict[str, float]:
+    """Validation metrics (val_loss and VAL_KEYS). Several processes: each scores its shard_range rows,
+    and the logits are gathered back in order on every rank, so the metrics equal one process's and
+    agree on all ranks."""
+    if world.size > 1:
+        start, stop = shard_range(len(images), world.rank, world.size)
+        local = predict_logits(net, images[start:stop], amp_dtype, tta).reshape(stop - start, num_classes)
+        logits = gather_rows(local.to(images.device), len(images), world)
+    else:
+        logits = predict_logits(net, images, amp_dtype, tta)
+    loss = F.cross_entropy(logits, labels).item()
+    pred = logits.argmax(1).cpu().numpy()
+    metrics = summary_metrics(labels.cpu().numpy(), pred, num_classes, "val")
+    return {"val_loss": loss, **{k: metrics[k] for k in VAL_KEYS}}
+
+
+def keep_the_best(state: LoopState, epoch: int, metrics: dict[str, float], monitor: str) -> None:
+    """Record the epoch in the history; on an improvement of `monitor`, keep a CPU copy of the scored
+    weights, else count a stale epoch (early stopping)."""
+    value, best = metrics[monitor], state.best_value
+    improved = best is None or (value < best if monitor == "val_loss" else value > best)
+    if improved:
+        state.best_value, state.best_epoch, state.stale_epochs = value, epoch, 0
+        state.best_model = {k: v.detach().to("cpu", copy=True) for k, v in state.scored.state_dict().items()}
+    else:
+        state.stale_epochs += 1
+    state.history.append({"epoch": epoch, "is_best": improved, **metrics})
+    state.epoch = epoch
 
 
 def seed_everything(seed: int) -> None:

@@ -38,7 +38,8 @@ from pipeline.study_tracking import (
     ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_WORKER, find_or_create_parent, format_params, is_registrar,
     log_study_dataset, log_study_params, log_summary, mark_trial_run, on_stale_trial, parent_run, register_best, worker_id,
 )
-from pipeline.train import NonFiniteLossError, resolve_device
+from pipeline.device import resolve_device
+from pipeline.train import NonFiniteLossError
 from pipeline.workflow import run_train
 
 # A failing trial is the study's business, not the worker's: diverged training, or a batch size

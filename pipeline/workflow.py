@@ -23,7 +23,8 @@ from pipeline.data.store import save_dataset
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
 from pipeline.models import ImageClassifier, build_logged_net, count_trainable, create_model, freeze, replace_head
-from pipeline.train import fit, resolve_device, seed_everything
+from pipeline.device import resolve_device
+from pipeline.train import fit, seed_everything
 
 MAX_LISTED_SKIPS = 100
 CHECKPOINT_UPLOAD_S = 60.0  # seconds between uploads of the resumable checkpoint to the run

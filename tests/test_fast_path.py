@@ -13,7 +13,8 @@ from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import crop_flip, iter_eval_batches, iter_train_batches, normalize
 from pipeline.models import ResNet9, create_model
-from pipeline.train import _make_optimizer, evaluate_split, fit, predict_logits
+from pipeline.device import predict_logits
+from pipeline.train import _make_optimizer, fit, validate
 
 NUM_CLASSES = 3
 SIZE = 8  # pixels: ResNet-9's three 2x poolings take it to 1x1
@@ -105,13 +106,13 @@ def test_ema_weights_are_scored_and_returned(monkeypatch):
     plain = fit(tiny_net(), data, val, tiny_cfg(ema=0.0, epochs=1), NUM_CLASSES)
 
     scored = []
-    real_eval = train.evaluate_split
+    real_eval = train.validate
 
     def spy_eval(net, *args, **kwargs):
         scored.append(net)
         return real_eval(net, *args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate_split", spy_eval)
+    monkeypatch.setattr(train, "validate", spy_eval)
     net = tiny_net()
     averaged = fit(net, data, val, tiny_cfg(ema=0.9, epochs=1), NUM_CLASSES)
 
@@ -120,7 +121,7 @@ def test_ema_weights_are_scored_and_returned(monkeypatch):
     assert averaged.history[0]["val_loss"] != pytest.approx(plain.history[0]["val_loss"], rel=1e-3)
     assert scored and all(s is not net and isinstance(s, ResNet9) for s in scored)
     # The net fit() hands back holds the scored (averaged) weights of the best epoch.
-    metrics = evaluate_split(net, torch.from_numpy(val.images), torch.from_numpy(val.labels), None, NUM_CLASSES)
+    metrics = validate(net, torch.from_numpy(val.images), torch.from_numpy(val.labels), None, NUM_CLASSES)
     assert metrics["val_loss"] == pytest.approx(averaged.best_metrics["val_loss"], rel=1e-5)
 
 

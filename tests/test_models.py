@@ -5,7 +5,10 @@ import torch
 import torchvision
 
 from pipeline.errors import PipelineError
-from pipeline.models import count_trainable, create_model, freeze, replace_head, set_train_mode, stages
+from pipeline.config import NUM_STAGES, TrainConfig
+from pipeline.data.imageset import ImageSet
+from pipeline.models import count_trainable, create_model, freeze, frozen_stages, replace_head, set_train_mode, stages
+from pipeline.train import fit
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet9"])
@@ -27,7 +30,8 @@ def test_freeze_first_k_stages_and_keep_their_batchnorm_still(depth):
             assert all(p.requires_grad == (i >= depth) for p in m.parameters())
     assert all(p.requires_grad for p in net.fc.parameters())
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    set_train_mode(net, depth)
+    assert len(stages(net)) == NUM_STAGES and len(frozen_stages(net)) == depth
+    set_train_mode(net)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     x = torch.randn(8, 3, 16, 16) * 3 + 1
     loss = torch.nn.functional.cross_entropy(net(x), torch.arange(8) % 3)
@@ -43,6 +47,25 @@ def test_freeze_first_k_stages_and_keep_their_batchnorm_still(depth):
     assert not torch.equal(before["fc.1.weight"], after["fc.1.weight"])
     if depth < 5:
         assert not torch.equal(before["layer4.0.bn1.running_mean"], after["layer4.0.bn1.running_mean"])
+
+
+def test_fit_keeps_batchnorm_still_in_the_stages_the_net_has_frozen():
+    """Which stages are frozen is read from the net (requires_grad), not from the config: a net frozen
+    by freeze() trains with those stages' running statistics unchanged, whatever cfg.frozen_layers says."""
+    torch.manual_seed(0)
+    net = create_model("resnet9", 3)
+    freeze(net, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: ImageSet(torch.randint(0, 256, (n, 8, 8, 3), dtype=torch.uint8, generator=g).numpy(),
+                                (torch.arange(n) % 3).numpy())  # noqa: E731
+    cfg = TrainConfig(data="d", arch="resnet9", epochs=1, batch_size=8, lr=0.05, augment="none", precision="fp32",
+                      device="cpu", frozen_layers=0)
+    fit(net, images(16), images(6), cfg, 3)
+    after = net.state_dict()
+    for k in before:
+        frozen = k.split(".")[0] in ("conv1", "bn1", "layer1")
+        assert torch.equal(before[k], after[k]) == frozen, k
 
 
 def test_head_replacement_and_trainable_count():

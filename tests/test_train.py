@@ -8,7 +8,9 @@ from pipeline.data.loader import crop_flip
 from pipeline.data.sources import load_digits
 from pipeline.errors import PipelineError
 from pipeline.models import create_model
-from pipeline.train import NonFiniteLossError, fit, resolve_amp_dtype, resolve_device, seed_everything
+from pipeline.device import resolve_amp_dtype, resolve_device
+from pipeline.distributed import SINGLE, World
+from pipeline.train import NonFiniteLossError, fit, scaled_loss, seed_everything
 
 CPU = dict(device="cpu", precision="fp32", batch_size=64, augment="none")
 
@@ -79,11 +81,33 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(digits, tmp_path):
         fit(create_model("resnet18", 10), train, val, cfg, 10, kill_after_two, str(ckpt))
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2
+    # The keys are the checkpoint format: checkpoints written before a release must resume after it.
+    assert set(state) == {"model", "optimizer", "scheduler", "ema", "generator", "torch_rng", "epoch", "best_value",
+                          "best_model", "history", "stale_epochs"}
     resumed_net = create_model("resnet18", 10)
     resumed = fit(resumed_net, train, val, cfg, 10, resume_state=state)
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
     for k, v in full_net.state_dict().items():
         assert torch.equal(v, resumed_net.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("sizes", [(3, 3), (3, 2)])  # an even global batch of 6, an uneven last one of 5
+def test_scaled_shard_losses_give_the_global_batch_mean_gradient(sizes):
+    """DDP averages the ranks' gradients: with scaled_loss, that average is the gradient of the global
+    batch's mean loss, as one process computes it."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, requires_grad=True)
+    x, y = torch.randn(sum(sizes), 4), torch.tensor([0, 1, 2, 0, 1, 2])[: sum(sizes)]
+    torch.nn.functional.cross_entropy(x @ w, y, label_smoothing=0.1).backward()
+    expected, w.grad = w.grad.clone(), None
+    world, grads, start = World(size=2), [], 0
+    for n in sizes:
+        loss, summed = scaled_loss(x[start:start + n] @ w, y[start:start + n], 0.1, sum(sizes), world)
+        grads.append(torch.autograd.grad(loss, w)[0])
+        start += n
+    torch.testing.assert_close(sum(grads) / world.size, expected)
+    loss, summed = scaled_loss(x @ w, y, 0.1, sum(sizes), SINGLE)  # one process: the mean, and the sum
+    torch.testing.assert_close(summed, loss.detach() * sum(sizes))
 
 
 def test_no_validation_images_is_an_error(digits):
