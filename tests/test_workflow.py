@@ -8,11 +8,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from pipeline import tracking
+from pipeline import references
 from pipeline.config import EvaluateConfig, TrainConfig
 from pipeline.data.store import load_dataset
 from pipeline.errors import PipelineError
-from pipeline.workflow import run_evaluate, run_train
+from pipeline.runners import run_evaluate, run_train
 
 TRAIN_PARAMS = {"data", "arch", "weights", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "label_smoothing", "precision", "device", "seed"}
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro", "lr", "images_per_sec"}
@@ -63,8 +63,8 @@ def test_finetune_consumes_pretrain_and_keeps_frozen_stages(trained):
     assert run.data.params["frozen_layers"] == "3" and run.data.params["arch"] == "resnet18"
     pre_params = int(mlflow.get_run(trained.pretrain).data.params["trainable_params"])
     assert 0 < int(run.data.params["trainable_params"]) < pre_params
-    pre_state, _ = tracking.load_model_ref(trained.pretrain)
-    fin_state, _ = tracking.load_model_ref(trained.finetune)
+    pre_state, _ = references.load_model_ref(trained.pretrain)
+    fin_state, _ = references.load_model_ref(trained.finetune)
     for k in pre_state:
         frozen = k.split(".")[0] in {"conv1", "bn1", "layer1", "layer2"}
         assert torch.equal(pre_state[k], fin_state[k]) == frozen or k.endswith("num_batches_tracked"), k
@@ -129,9 +129,9 @@ def test_dataset_where_a_model_is_expected(trained, experiment):
         run_train(TrainConfig(data=trained.finetune, epochs=1, device="cpu"), "pretrain")
     assert _last_run_status(experiment) == "FAILED"
     with pytest.raises(PipelineError, match=f"is an evaluate run \\(test results\\), not a model; .*model of this evaluate run: {trained.finetune}"):
-        tracking.model_uri(trained.evaluate)
+        references.model_uri(trained.evaluate)
     with pytest.raises(PipelineError, match="is a dataset"):
-        tracking.load_model_ref(f"runs:/{trained.prepare}/dataset")
+        references.load_model_ref(f"runs:/{trained.prepare}/dataset")
 
 
 def test_pretrained_architecture_must_fit(trained, experiment):
