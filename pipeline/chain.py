@@ -61,7 +61,8 @@ class MainConfig:
     seed: int = opt(0, "seed for splits, init, shuffling, augmentation")
     register_as: str = opt("", "registered model name for the fine-tuned model, described with its test metrics "
                                "(alias `champion` moves on better test macro-F1); empty = do not register")
-    system_metrics: bool = opt(True, "training runs log CPU/memory (and GPU with pynvml) as system/* metrics; false = off")
+    system_metrics: bool = opt(True, "training runs log CPU/memory (and GPU with pynvml) as system/* metrics; "
+                                     "false = off")
 
     def to_chain(self) -> ChainConfig:
         """The step configs (each validates its part); finetune's `pretrained` is filled in by the chain."""
@@ -144,7 +145,8 @@ def run_chain(cfg: ChainConfig, log=print) -> dict[str, str]:
     ids: dict[str, str] = {}
     with tracking.step_run("main", f"main {cfg.pretrain.arch} frozen={cfg.finetune.frozen_layers}") as parent:
         exp = parent.info.experiment_id
-        tracking.log_params({"source": cfg.prepare.source, "arch": cfg.pretrain.arch, "frozen_layers": cfg.finetune.frozen_layers})
+        tracking.log_params({"source": cfg.prepare.source, "arch": cfg.pretrain.arch,
+                             "frozen_layers": cfg.finetune.frozen_layers})
 
         prep_params = dataclasses.asdict(cfg.prepare)
         ids["prepare_data"] = _reuse_or_run(
@@ -170,7 +172,8 @@ def run_chain(cfg: ChainConfig, log=print) -> dict[str, str]:
         mlflow.set_tags({f"pipeline.{step}_run": rid for step, rid in ids.items()})
         final = mlflow.get_run(ids["evaluate"]).data.metrics
         # The headline numbers on the parent, so the runs table compares whole pipelines.
-        tracking.log_metrics({k: v for k, v in final.items() if k == f"{cfg.evaluate_split}_accuracy" or k.endswith(("_macro", "_weighted"))})
+        headline = f"{cfg.evaluate_split}_accuracy"
+        tracking.log_metrics({k: v for k, v in final.items() if k == headline or k.endswith(("_macro", "_weighted"))})
         tracking.set_note(describe_chain(cfg, ids, final, parent.info.run_id))
     return ids
 
@@ -180,7 +183,8 @@ def describe_chain(cfg: ChainConfig, ids: dict[str, str], final: dict[str, float
     split = cfg.evaluate_split
     tags = mlflow.get_run(parent_id).data.tags
     lines = [f"{cfg.pretrain.arch} pretrained and fine-tuned with the first {cfg.finetune.frozen_layers} of 5 stages "
-             f"frozen, on `{cfg.prepare.source}`. {split.capitalize()} accuracy {final.get(f'{split}_accuracy', float('nan')):.4f}, "
+             f"frozen, on `{cfg.prepare.source}`. "
+             f"{split.capitalize()} accuracy {final.get(f'{split}_accuracy', float('nan')):.4f}, "
              f"macro-F1 {final.get(f'{split}_f1_macro', float('nan')):.4f}.", ""]
     for step, run_id in ids.items():
         how = "reused" if tags.get(f"pipeline.{step}_reused") == "true" else "ran"

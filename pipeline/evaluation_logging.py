@@ -26,7 +26,8 @@ def log_evaluation(report, class_names: list[str], split: str, images: np.ndarra
     mlflow.log_text(confusion_csv(report.confusion, class_names), f"evaluation/{split}_confusion_matrix.csv")
     figures = {
         "confusion_matrix": plot_confusion(report.confusion, class_names),
-        "precision_recall": precision_recall_figure(report.labels, report.probabilities, class_names, report.average_precision),
+        "precision_recall": precision_recall_figure(report.labels, report.probabilities, class_names,
+                                                    report.average_precision),
     }
     if images is not None:
         figures["misclassified"] = misclassified_grid(images, report.labels, report.probabilities, class_names)

@@ -67,7 +67,8 @@ def _require_kind(run_id: str, steps: tuple[str, ...], wanted: str, fix: str) ->
     pointer = tags.get(RUN_POINTERS.get(step, {}).get(wanted, ""), "")
     hint = f" ({wanted} of this {step} run: {pointer})" if pointer else ""
     article = "an" if step[0] in "aeiou" else "a"
-    raise PipelineError(f"run {run_id} is {article} {step} run ({RUN_HOLDS.get(step, 'not a pipeline step')}), not a {wanted}; pass {fix}{hint}")
+    holds = RUN_HOLDS.get(step, "not a pipeline step")
+    raise PipelineError(f"run {run_id} is {article} {step} run ({holds}), not a {wanted}; pass {fix}{hint}")
 
 
 def download(uri: str, what: str) -> str:
@@ -75,7 +76,8 @@ def download(uri: str, what: str) -> str:
     try:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except (MlflowException, OSError) as exc:
-        raise PipelineError(f"{what} {uri!r} was not found in {_tracking_hint()} ({exc.__class__.__name__}); check the run id or URI") from exc
+        raise PipelineError(f"{what} {uri!r} was not found in {_tracking_hint()} ({exc.__class__.__name__}); "
+                            "check the run id or URI") from exc
 
 
 # --- datasets -----------------------------------------------------------------------------

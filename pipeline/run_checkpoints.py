@@ -49,14 +49,16 @@ def load_resume_point(run_id: str, step: str) -> tuple[dict, dict]:
     """(stored config, last checkpoint) of an interrupted run, for `resume`."""
     run = get_run(run_id)
     if run.data.tags.get(TAG_STEP) != step:
-        raise PipelineError(f"run {run_id} is a {run.data.tags.get(TAG_STEP, 'non-pipeline')} run, not {step}; resume a {step} run")
+        kind = run.data.tags.get(TAG_STEP, "non-pipeline")
+        raise PipelineError(f"run {run_id} is a {kind} run, not {step}; resume a {step} run")
     if run.info.status == "FINISHED":
         raise PipelineError(f"run {run_id} already FINISHED; nothing to resume (start a new run instead)")
     stored = yaml.safe_load(Path(download(f"runs:/{run_id}/config.yaml", "stored config")).read_text())
     try:
         ckpt = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}")
     except (MlflowException, OSError) as exc:
-        raise PipelineError(f"run {run_id} has no checkpoint to resume from (it stopped before its first epoch ended); start it again") from exc
+        raise PipelineError(f"run {run_id} has no checkpoint to resume from (it stopped before its first epoch ended); "
+                            "start it again") from exc
     return stored, load_checkpoint(ckpt)
 
 

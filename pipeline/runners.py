@@ -41,7 +41,8 @@ def run_prepare(cfg: PrepareConfig, nested: bool = False, tags: dict | None = No
     with tracking.step_run("prepare_data", name, tags, nested) as run:
         tracking.log_params(dataclasses.asdict(cfg))
         ds, skipped = prepare_dataset(cfg)
-        info = {"source": cfg.source, "seed": cfg.seed, "skipped_files": skipped[:MAX_LISTED_SKIPS], "num_skipped": len(skipped)}
+        info = {"source": cfg.source, "seed": cfg.seed, "skipped_files": skipped[:MAX_LISTED_SKIPS],
+                "num_skipped": len(skipped)}
         with tempfile.TemporaryDirectory() as tmp:
             manifest = save_dataset(ds, tmp, info)
             tracking.log_dataset(tmp, manifest)
@@ -51,7 +52,8 @@ def run_prepare(cfg: PrepareConfig, nested: bool = False, tags: dict | None = No
         sizes = " / ".join(f"{len(s)} {split}" for split, s in ds.splits.items())
         tracking.set_note(f"Prepared `{cfg.source}`: {sizes} images of {ds.num_classes} classes at {ds.image_size} px"
                           + (f", {len(skipped)} unreadable files skipped" if skipped else "")
-                          + f". Dataset: `runs:/{run.info.run_id}/{tracking.DATASET_ARTIFACT}` (digest {manifest['digest']}).")
+                          + f". Dataset: `runs:/{run.info.run_id}/{tracking.DATASET_ARTIFACT}` "
+                            f"(digest {manifest['digest']}).")
         if skipped:
             print(f"prepare_data: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
         return run.info.run_id
@@ -136,7 +138,8 @@ def _check_training(cfg: TrainConfig, step: str, world) -> torch.device:
         if step == "finetune" and not cfg.pretrained:
             raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI")
         if step == "pretrain" and (cfg.pretrained or cfg.frozen_layers):
-            raise PipelineError("pretrain trains every layer from scratch; use the finetune step for pretrained/frozen_layers")
+            raise PipelineError("pretrain trains every layer from scratch; "
+                                "use the finetune step for pretrained/frozen_layers")
         device = resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
         distributed.check_world(world, cfg.batch_size, device)
         if not cfg.data:
@@ -197,7 +200,8 @@ def log_training_inputs(inputs: TrainingInputs, step: str, world) -> None:
         tracking.log_dataset_input(inputs.manifest, inputs.data_uri, context="training")
 
 
-def _fit_uploading_checkpoints(inputs: TrainingInputs, resume_state: dict | None, world, hooks: TrialHooks) -> FitResult:
+def _fit_uploading_checkpoints(inputs: TrainingInputs, resume_state: dict | None, world,
+                               hooks: TrialHooks) -> FitResult:
     """fit(), logging each epoch's metrics and sending its checkpoint up as CheckpointUploads decides."""
     cfg, ds = inputs.cfg, inputs.ds
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,15 +225,18 @@ def _fit_uploading_checkpoints(inputs: TrainingInputs, resume_state: dict | None
 def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, run_id: str, device) -> None:
     """Best-epoch metrics, whether early stopping ended it, the model, the description, and registration."""
     cfg, ds, net = inputs.cfg, inputs.ds, inputs.net
-    tracking.log_metrics({"best_epoch": result.best_epoch, **{f"best_{k}": v for k, v in result.best_metrics.items() if k.startswith("val_")}})
+    best_val = {f"best_{k}": v for k, v in result.best_metrics.items() if k.startswith("val_")}
+    tracking.log_metrics({"best_epoch": result.best_epoch, **best_val})
     mlflow.set_tag(TAG_STOPPED_EARLY, str(result.stopped_early).lower())
-    meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names, "image_size": ds.image_size, "dropout": cfg.dropout}
+    meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names,
+            "image_size": ds.image_size, "dropout": cfg.dropout}
     sample = ds.splits["val"].images[:2]
     tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample)
     best = result.best_metrics
     tracking.set_note(f"{step} {cfg.arch} on `{inputs.data_uri}`{inputs.origin}, {cfg.epochs} epochs at lr {cfg.lr:g}. "
                       f"Best epoch {result.best_epoch}: val accuracy {best.get('val_accuracy', float('nan')):.4f}, "
-                      f"val macro-F1 {best.get('val_f1_macro', float('nan')):.4f}. Model: `runs:/{run_id}/{tracking.MODEL_NAME}`.")
+                      f"val macro-F1 {best.get('val_f1_macro', float('nan')):.4f}. "
+                      f"Model: `runs:/{run_id}/{tracking.MODEL_NAME}`.")
     if cfg.register_as:  # the model just logged is `net`: scored here, not downloaded again
         test = ds.splits["test"]
         report = score_net(net, test.images, test.labels, ds.class_names, "test", device, cfg.precision)
@@ -243,7 +250,8 @@ def _no_run(*args, **kwargs):
 
 
 def _evaluation_images(cfg: EvaluateConfig, meta: dict):
-    """(images, labels, data_uri, manifest or None, skipped files) from a dataset reference or an image folder/archive."""
+    """(images, labels, data_uri, manifest or None, skipped files) from a dataset reference or an image
+    folder/archive."""
     is_user_images = os.path.exists(cfg.data) and not os.path.isfile(os.path.join(cfg.data, "manifest.json"))
     if is_user_images:
         src = read_image_tree(cfg.data, meta["image_size"], cfg.on_bad_image)
@@ -273,7 +281,8 @@ def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = 
         tracking.log_params(dataclasses.asdict(cfg))
         state, meta = load_model_ref(cfg.model)
         images, labels, data_uri, manifest, skipped = _evaluation_images(cfg, meta)
-        mlflow.set_tags({"pipeline.upstream.model": meta["model_uri"], "pipeline.upstream.model_run": meta["source_run_id"], "pipeline.upstream.data": data_uri})
+        mlflow.set_tags({"pipeline.upstream.model": meta["model_uri"],
+                         "pipeline.upstream.model_run": meta["source_run_id"], "pipeline.upstream.data": data_uri})
         model_name = run_name_of(meta["source_run_id"])
         if model_name:  # "evaluate test: finetune resnet18 frozen=3 lr=0.01" scans better in the runs table
             mlflow.set_tag("mlflow.runName", f"evaluate {cfg.split}: {model_name}")

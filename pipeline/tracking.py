@@ -200,7 +200,8 @@ def step_run(step: str, run_name: str | None = None, tags: dict | None = None, n
     launcher = os.environ.get("MLFLOW_RUN_ID")
     if run_id and launcher and launcher != run_id:
         _point_to(launcher, run_id, step)
-    run = mlflow.start_run(run_id=run_id, nested=nested, tags={TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})},
+    tags = {TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})}
+    run = mlflow.start_run(run_id=run_id, nested=nested, tags=tags,
                            log_system_metrics=system_metrics)
     if run_name:
         mlflow.set_tag("mlflow.runName", run_name)
