@@ -5,7 +5,7 @@ sqlite store before calling them, so ./mlflow.db is never touched.
 
 tracking_overhead: one short training (scikit-learn's digits at their native 8x8, 800 of them for
   training, the default ResNet-18, two epochs) as plain fit(), and as the product's tracked step
-  pipeline.workflow.run_train. fit() and its helpers are wrapped, not changed, to time directly
+  pipeline.runners.run_train. fit() and its helpers are wrapped, not changed, to time directly
   what the epoch loop spends on tracking and resumability: the per-epoch callback (metrics, and
   the checkpoint uploaded as an artifact) and fit() writing that checkpoint. (Comparing the two
   trainings' wall times is reported too, but is noise-bound on a busy machine.) The rest of
@@ -57,18 +57,18 @@ class Probe:
     fit_s: float = 0.0  # wall time of fit() inside run_train
     callback_s: float = 0.0  # time inside run_train's per-epoch callback (metrics + checkpoint upload)
     checkpoint_write_s: float = 0.0  # time fit() spends writing its resumable checkpoint
-    checkpoint_upload_s: float = 0.0  # part of callback_s: tracking.log_checkpoint (artifact copy)
+    checkpoint_upload_s: float = 0.0  # part of callback_s: run_checkpoints.log_checkpoint (artifact copy)
 
 
 @contextlib.contextmanager
 def probed_run_train(probe: Probe):
     """Time what run_train adds around training, by wrapping (not changing) fit() and save_atomic."""
-    import pipeline.tracking as tracking
+    import pipeline.run_checkpoints as run_checkpoints
+    import pipeline.runners as runners
     import pipeline.train as train
-    import pipeline.workflow as workflow
 
-    real_fit, real_save = workflow.fit, train.save_atomic
-    real_upload = getattr(tracking, "log_checkpoint", None)
+    real_fit, real_save = runners.fit, train.save_atomic
+    real_upload = run_checkpoints.log_checkpoint
     sig = inspect.signature(real_fit)
 
     def timed_save(*args, **kwargs):
@@ -96,15 +96,13 @@ def probed_run_train(probe: Probe):
         probe.fit_s += time.perf_counter() - t
         return result
 
-    workflow.fit, train.save_atomic = timed_fit, timed_save
-    if real_upload is not None:
-        tracking.log_checkpoint = timed_upload
+    runners.fit, train.save_atomic = timed_fit, timed_save
+    run_checkpoints.log_checkpoint = timed_upload
     try:
         yield probe
     finally:
-        workflow.fit, train.save_atomic = real_fit, real_save
-        if real_upload is not None:
-            tracking.log_checkpoint = real_upload
+        runners.fit, train.save_atomic = real_fit, real_save
+        run_checkpoints.log_checkpoint = real_upload
 
 
 def _plain_fit(ds, cfg: TrainConfig) -> float:
@@ -132,7 +130,7 @@ def log_metrics_cost(async_: bool, calls: int = 20) -> float:
 
 def tracking_overhead(epochs: int = 2, device: str = "cpu") -> dict:
     """The product's tracked training step (run_train) against plain fit() on the same data."""
-    from pipeline.workflow import run_prepare, run_train
+    from pipeline.runners import run_prepare, run_train
 
     use_experiment("bench-tracking")
     prep_cfg = PrepareConfig(source="digits", image_size=8, samples_per_class=80, seed=0)
@@ -188,16 +186,16 @@ def _fake_fit(net, train, val, cfg, num_classes, on_epoch=None, checkpoint_path=
 
 def _product_tuning(n_trials: int, epochs: int, tmp: str) -> dict:
     """pipeline.tuning.run_study with fit() stubbed out: the study loop as users run it."""
-    import pipeline.workflow as workflow
+    import pipeline.runners as runners
     from pipeline import tuning
     from pipeline.config import TuneConfig
 
-    real_fit = workflow.fit
-    workflow.fit = _fake_fit
+    real_fit = runners.fit
+    runners.fit = _fake_fit
     try:
         use_experiment("bench-tuning")
-        prep = workflow.run_prepare(PrepareConfig(source="digits", image_size=8, seed=0))
-        pre = workflow.run_train(TrainConfig(data=prep, **{**TRAIN_CFG, "epochs": 1}), "pretrain")
+        prep = runners.run_prepare(PrepareConfig(source="digits", image_size=8, seed=0))
+        pre = runners.run_train(TrainConfig(data=prep, **{**TRAIN_CFG, "epochs": 1}), "pretrain")
         cfg = TuneConfig(
             data=prep, pretrained=pre, n_trials=n_trials, epochs=epochs, pruner="none", sampler="random",
             storage=f"sqlite:///{tmp}/optuna.db", study_name="bench", precision="fp32", device="cpu",
@@ -206,7 +204,7 @@ def _product_tuning(n_trials: int, epochs: int, tmp: str) -> dict:
         tuning.run_study(cfg, log=lambda _msg: None)
         wall = time.perf_counter() - t0
     finally:
-        workflow.fit = real_fit
+        runners.fit = real_fit
     study = optuna.load_study(study_name="bench", storage=f"sqlite:///{tmp}/optuna.db")
     durations = [t.duration.total_seconds() for t in study.trials if t.duration is not None]
     return {

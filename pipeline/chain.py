@@ -1,13 +1,16 @@
-"""main: prepare_data -> pretrain -> finetune -> evaluate, each a nested run under one parent.
+"""main: prepare_data -> pretrain -> finetune -> evaluate, each a nested run under one parent,
+then (with register_as) the fine-tuned model registered with its test metrics.
 
 A step is reused instead of recomputed when a FINISHED run exists whose step, parameters,
-upstream run ids, code version and (for image folders/archives) source fingerprint all match.
+upstream run ids, code version and (for image folders/archives) source fingerprint all match:
+its cache key, a tag on every step run main starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,8 +18,12 @@ from dataclasses import dataclass
 import mlflow
 
 from pipeline import tracking
-from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig
-from pipeline.workflow import run_evaluate, run_prepare, run_train
+from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig, opt
+from pipeline.references import run_name_of
+from pipeline.registry import register_evaluated
+from pipeline.runners import run_evaluate, run_prepare, run_train
+
+TAG_CACHE_KEY = "pipeline.cache_key"
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,52 @@ class ChainConfig:
     pretrain: TrainConfig  # its `data` is filled in from the prepare_data run
     finetune: TrainConfig  # its `data` and `pretrained` are filled in
     evaluate_split: str = "test"
+    register_as: str = ""  # registered model name for the fine-tuned model; empty = do not register
+
+
+@dataclass(frozen=True)
+class MainConfig:
+    """main's options (steps/main.py generates its command line from these): one value per option, or
+    one per training step where they differ (epochs, lr); to_chain() spreads them over the steps."""
+
+    source: str = opt("cifar10", "cifar10 | digits | image folder or archive path")
+    data_dir: str = opt("data", "download cache for CIFAR-10")
+    image_size: int = opt(32, "pixels (square)")
+    val_fraction: float = opt(0.1, "share of training images held out for validation")
+    test_fraction: float = opt(0.1, "share held out for test when the source has none")
+    classes: str = opt("", "comma-separated class subset (empty = all)")
+    samples_per_class: int = opt(0, "cap on training images per class (0 = all)")
+    arch: str = opt("resnet18", "resnet18 | resnet34 | resnet50 | resnet9")
+    weights: str = opt("none", "pretrain start: none | imagenet")
+    pretrain_epochs: int = opt(10, "epochs of pretraining")
+    finetune_epochs: int = opt(5, "epochs of fine-tuning")
+    batch_size: int = opt(128, "images per step (both training steps)")
+    pretrain_lr: float = opt(0.05, "peak learning rate of pretrain")
+    finetune_lr: float = opt(0.01, "peak learning rate of finetune")
+    augment: str = opt("basic", "none | basic (crop + flip) | strong (+ rotation, scale)")
+    frozen_layers: int = opt(3, "finetune: freeze the first k stages (0-5)")
+    precision: str = opt("auto", "auto | bf16 | fp32")
+    device: str = opt("auto", "auto | cpu | cuda")
+    seed: int = opt(0, "seed for splits, init, shuffling, augmentation")
+    register_as: str = opt("", "registered model name for the fine-tuned model, described with its test metrics "
+                               "(alias `champion` moves on better test macro-F1); empty = do not register")
+    system_metrics: bool = opt(True, "training runs log CPU/memory (and GPU with pynvml) as system/* metrics; "
+                                     "false = off")
+
+    def to_chain(self) -> ChainConfig:
+        """The step configs (each validates its part); finetune's `pretrained` is filled in by the chain."""
+        shared = dict(arch=self.arch, batch_size=self.batch_size, augment=self.augment, precision=self.precision,
+                      device=self.device, seed=self.seed, system_metrics=self.system_metrics)
+        prepare = PrepareConfig(source=self.source, data_dir=self.data_dir, image_size=self.image_size,
+                                val_fraction=self.val_fraction, test_fraction=self.test_fraction, classes=self.classes,
+                                samples_per_class=self.samples_per_class, seed=self.seed)
+        return ChainConfig(
+            prepare=prepare,
+            pretrain=TrainConfig(epochs=self.pretrain_epochs, lr=self.pretrain_lr, weights=self.weights, **shared),
+            finetune=TrainConfig(epochs=self.finetune_epochs, lr=self.finetune_lr, frozen_layers=self.frozen_layers,
+                                 pretrained="(from pretrain)", **shared),
+            register_as=self.register_as,
+        )
 
 
 def source_fingerprint(source: str) -> str:
@@ -45,16 +98,46 @@ def source_fingerprint(source: str) -> str:
 NOT_IN_CACHE_KEY = ("system_metrics",)
 
 
+def cache_key(step: str, params: dict, upstream: dict) -> str:
+    """What decides reuse: the step, its parameters, its upstream runs (or source fingerprint) and the code."""
+    blob = json.dumps({"step": step, "params": params, "upstream": upstream, "code": tracking.code_version()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def find_finished_run(key: str, experiment_id: str) -> str | None:
+    """The newest FINISHED run tagged with this cache key, if any."""
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`{TAG_CACHE_KEY}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def _reuse_or_run(step: str, params: dict, upstream: dict, experiment_id: str, run: Callable[[dict], str], log) -> str:
-    key = tracking.cache_key(step, {k: v for k, v in params.items() if k not in NOT_IN_CACHE_KEY}, upstream)
-    found = tracking.find_finished_run(key, experiment_id)
+    key = cache_key(step, {k: v for k, v in params.items() if k not in NOT_IN_CACHE_KEY}, upstream)
+    found = find_finished_run(key, experiment_id)
     if found:
         log(f"main: reusing {step} run {found} (same parameters, inputs and code)")
         mlflow.set_tag(f"pipeline.{step}_reused", "true")
         return found
-    run_id = run({tracking.TAG_CACHE_KEY: key})
+    run_id = run({TAG_CACHE_KEY: key})
     log(f"main: ran {step} -> {run_id}")
     return run_id
+
+
+def run_main(cfg: ChainConfig, log=print) -> dict[str, str]:
+    """main: run (or reuse) the four steps, print their run ids, then register the model if asked."""
+    ids = run_chain(cfg, log)
+    for step, run_id in ids.items():
+        log(f"{step:>12}: {run_id}")
+    if cfg.register_as:
+        test_images = int(mlflow.get_run(ids["prepare_data"]).data.metrics.get("test_images", 0))
+        register_evaluated(ids["finetune"], ids["evaluate"], cfg.register_as, test_images)
+    return ids
 
 
 def run_chain(cfg: ChainConfig, log=print) -> dict[str, str]:
@@ -62,7 +145,8 @@ def run_chain(cfg: ChainConfig, log=print) -> dict[str, str]:
     ids: dict[str, str] = {}
     with tracking.step_run("main", f"main {cfg.pretrain.arch} frozen={cfg.finetune.frozen_layers}") as parent:
         exp = parent.info.experiment_id
-        tracking.log_params({"source": cfg.prepare.source, "arch": cfg.pretrain.arch, "frozen_layers": cfg.finetune.frozen_layers})
+        tracking.log_params({"source": cfg.prepare.source, "arch": cfg.pretrain.arch,
+                             "frozen_layers": cfg.finetune.frozen_layers})
 
         prep_params = dataclasses.asdict(cfg.prepare)
         ids["prepare_data"] = _reuse_or_run(
@@ -88,7 +172,8 @@ def run_chain(cfg: ChainConfig, log=print) -> dict[str, str]:
         mlflow.set_tags({f"pipeline.{step}_run": rid for step, rid in ids.items()})
         final = mlflow.get_run(ids["evaluate"]).data.metrics
         # The headline numbers on the parent, so the runs table compares whole pipelines.
-        tracking.log_metrics({k: v for k, v in final.items() if k == f"{cfg.evaluate_split}_accuracy" or k.endswith(("_macro", "_weighted"))})
+        headline = f"{cfg.evaluate_split}_accuracy"
+        tracking.log_metrics({k: v for k, v in final.items() if k == headline or k.endswith(("_macro", "_weighted"))})
         tracking.set_note(describe_chain(cfg, ids, final, parent.info.run_id))
     return ids
 
@@ -98,9 +183,10 @@ def describe_chain(cfg: ChainConfig, ids: dict[str, str], final: dict[str, float
     split = cfg.evaluate_split
     tags = mlflow.get_run(parent_id).data.tags
     lines = [f"{cfg.pretrain.arch} pretrained and fine-tuned with the first {cfg.finetune.frozen_layers} of 5 stages "
-             f"frozen, on `{cfg.prepare.source}`. {split.capitalize()} accuracy {final.get(f'{split}_accuracy', float('nan')):.4f}, "
+             f"frozen, on `{cfg.prepare.source}`. "
+             f"{split.capitalize()} accuracy {final.get(f'{split}_accuracy', float('nan')):.4f}, "
              f"macro-F1 {final.get(f'{split}_f1_macro', float('nan')):.4f}.", ""]
     for step, run_id in ids.items():
         how = "reused" if tags.get(f"pipeline.{step}_reused") == "true" else "ran"
-        lines.append(f"- {step}: {how} `{run_id}` ({tracking.run_name_of(run_id)})")
+        lines.append(f"- {step}: {how} `{run_id}` ({run_name_of(run_id)})")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.config import NUM_STAGES, CompareConfig
+from pipeline.references import get_run
 from pipeline.errors import PipelineError
 from pipeline.plots import pyplot
 
@@ -84,9 +85,9 @@ def select_runs(experiment: str = "", parent: str = "", run_ids: Sequence[str] =
     """The runs named (any status), a parent's FINISHED descendants, or an experiment's FINISHED runs
     (the first of these given; CompareConfig allows one)."""
     if run_ids:
-        return [tracking.get_run(run_id) for run_id in dict.fromkeys(run_ids)]
+        return [get_run(run_id) for run_id in dict.fromkeys(run_ids)]
     if parent:
-        runs = _finished(_descendants(tracking.get_run(parent)))
+        runs = _finished(_descendants(get_run(parent)))
         if not runs:
             raise PipelineError(f"run {parent} has no FINISHED child runs; pass the parent run of a tune study or of main")
         return runs

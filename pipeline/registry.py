@@ -11,6 +11,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from pipeline.evaluation_logging import log_evaluation
+from pipeline.references import load_dataset_ref, load_model_ref
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
 from pipeline.models import build_logged_net
@@ -28,8 +30,8 @@ def require_test_split(manifest: dict) -> None:
 
 def evaluate_run_on_test(run_id: str, data: str, device: str = "auto", precision: str = "auto"):
     """The run's logged model scored on the dataset's test split: (EvaluationReport, test images, class names)."""
-    state, meta = tracking.load_model_ref(run_id)
-    ds, _, _ = tracking.load_dataset_ref(data, ("test",))
+    state, meta = load_model_ref(run_id)
+    ds, _, _ = load_dataset_ref(data, ("test",))
     test = ds.splits["test"]
     report = score_net(build_logged_net(meta, state), test.images, test.labels, meta["class_names"], "test",
                        resolve_device(device), precision)
@@ -118,7 +120,7 @@ def register_scored_run(run_id: str, name: str, metrics: dict[str, float], test_
 def register_trained_run(run_id: str, name: str, report, test_images, class_names: list[str]) -> str:
     """finetune/pretrain `register_as`: log the test-split report to the run (the active one), then
     register the run's model with those metrics."""
-    tracking.log_evaluation(report, class_names, "test", test_images)
+    log_evaluation(report, class_names, "test", test_images)
     return register_scored_run(run_id, name, report.metrics, len(test_images))
 
 

@@ -27,6 +27,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import registry, tracking
+from pipeline.references import dataset_uri
 from pipeline.config import TuneConfig
 from pipeline.data.store import MANIFEST, read_manifest
 from pipeline.errors import PipelineError
@@ -173,7 +174,7 @@ def retry_once(fn: Callable[[], None]) -> None:
 def log_study_dataset(cfg: TuneConfig) -> None:
     """Record the dataset as an input of the parent run. Done once per worker before any trial, this
     also creates the experiment's dataset entry that every trial run's input then refers to."""
-    uri = tracking.dataset_uri(cfg.data)
+    uri = dataset_uri(cfg.data)
     if os.path.isdir(cfg.data):
         folder = cfg.data
     else:

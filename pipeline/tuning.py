@@ -30,7 +30,8 @@ import torch
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import tracking
+from pipeline.references import dataset_uri, model_uri
+from pipeline.run_checkpoints import delete_checkpoints, has_checkpoint
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.errors import PipelineError
 from pipeline.study_storage import GRACE_BEATS, has_heartbeats, open_storage, storage_identity
@@ -39,8 +40,8 @@ from pipeline.study_tracking import (
     log_study_dataset, log_study_params, log_summary, mark_trial_run, on_stale_trial, parent_run, register_best, worker_id,
 )
 from pipeline.device import resolve_device
+from pipeline.runners import TrialHooks, run_train
 from pipeline.train import NonFiniteLossError
-from pipeline.workflow import run_train
 
 # A failing trial is the study's business, not the worker's: diverged training, or a batch size
 # that does not fit in GPU memory. Anything else (a bad data reference...) stops the worker.
@@ -201,8 +202,9 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
         try:
             # With heartbeats a dead worker's trial is retried from its checkpoint, so it goes up once per
             # heartbeat interval (and is deleted when the trial ends); without, it stays local (~100 MB).
-            run_id = run_train(trial_config(cfg, params), "finetune", nested=True, tags=tags, on_epoch=on_epoch, stopped=(optuna.TrialPruned,),
-                               upload_checkpoints=heartbeats, upload_every=cfg.heartbeat, start_from=start_from)
+            run_id = run_train(trial_config(cfg, params), "finetune", nested=True, tags=tags, hooks=TrialHooks(
+                on_epoch=on_epoch, stopped=(optuna.TrialPruned,), upload_checkpoints=heartbeats, upload_every=cfg.heartbeat,
+                start_from=start_from))
             seen["run_id"] = run_id
             value = mlflow.get_run(run_id).data.metrics.get(f"best_{cfg.metric}", math.nan)
             if not math.isfinite(value):
@@ -216,7 +218,7 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
             mark_trial_run(trial, seen.get("run_id"), state)
             for done in (seen.get("run_id"), start_from):
                 if heartbeats and done:
-                    tracking.delete_checkpoints(done)
+                    delete_checkpoints(done)
 
     heartbeats = has_heartbeats(cfg.storage)
     objective.started = 0
@@ -246,7 +248,7 @@ def _checkpoint_of_retried(trial: FrozenTrial) -> str:
     if trial.system_attrs.get("failed_trial") is None:  # set by RetryHeartbeatStaleTrialCallback
         return ""
     run_id = trial.user_attrs.get(ATTR_RUN_ID, "")
-    return run_id if run_id and tracking.has_checkpoint(run_id) else ""
+    return run_id if run_id and has_checkpoint(run_id) else ""
 
 
 
@@ -302,8 +304,8 @@ def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult
     """One worker: open (or resume) the study and its parent run, run trials until the study holds
     cfg.n_trials finished ones (or cfg.timeout passes), then log the summary and register the best."""
     resolve_device(cfg.device)  # fail fast, before any study or run exists: no GPU for device=cuda,
-    tracking.dataset_uri(cfg.data)  # an unknown data run id,
-    tracking.model_uri(cfg.pretrained)  # an unknown or malformed model reference
+    dataset_uri(cfg.data)  # an unknown data run id,
+    model_uri(cfg.pretrained)  # an unknown or malformed model reference
     study = open_study(cfg)
     started = datetime.datetime.now()  # Optuna's trial times are naive local times too
     parent_id = find_or_create_parent(cfg, log)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from pipeline import distributed, tracking
+from pipeline import distributed, references
 from pipeline.config import PrepareConfig, TrainConfig
 from pipeline.data.loader import iter_train_batches
 from pipeline.distributed import SINGLE, World
@@ -180,7 +180,7 @@ def test_collectives_and_fit_on_two_processes_equal_one_process(tmp_path):
 @pytest.fixture(scope="module")
 def digits_run() -> str:
     """All of scikit-learn's digits at 8x8: 1455 training and 162 validation images."""
-    from pipeline.workflow import run_prepare
+    from pipeline.runners import run_prepare
 
     mlflow.set_experiment(experiment_id=mlflow.create_experiment(f"ddp-digits-{os.urandom(4).hex()}"))
     return run_prepare(PrepareConfig(source="digits", image_size=8, seed=0))
@@ -202,7 +202,7 @@ def _cli_args(params: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_pretrain_under_torchrun_is_one_run_like_one_process(digits_run):
-    from pipeline.workflow import run_train
+    from pipeline.runners import run_train
 
     exp = mlflow.create_experiment(f"ddp-two-{os.urandom(4).hex()}")
     r = subprocess.run([*TORCHRUN, "-m", "steps.pretrain", "--data", digits_run, *_cli_args(TRAIN_ARGS)], cwd=ROOT,
@@ -217,7 +217,7 @@ def test_pretrain_under_torchrun_is_one_run_like_one_process(digits_run):
     client = MlflowClient()
     for key in ("val_accuracy", "train_loss", "images_per_sec"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
-    _, meta = tracking.load_model_ref(run.info.run_id)
+    _, meta = references.load_model_ref(run.info.run_id)
     assert meta["arch"] == "resnet9" and meta["num_classes"] == 10
 
     mlflow.set_experiment(experiment_id=mlflow.create_experiment(f"ddp-one-{os.urandom(4).hex()}"))

@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import label_binarize
 
-from pipeline import tracking
+from pipeline import references
 from pipeline.data.store import load_dataset
 from pipeline.models import ImageClassifier, create_model
 from pipeline.plots import misclassified_grid, pyplot
@@ -38,7 +38,7 @@ def test_evaluate_logs_pr_curves_and_misclassified_grid_as_pngs(trained):
 def test_average_precision_equals_sklearn_on_independent_predictions(trained):
     ds, _ = load_dataset(mlflow.artifacts.download_artifacts(f"runs:/{trained.prepare}/dataset"), ("test",))
     test = ds.splits["test"]
-    state, meta = tracking.load_model_ref(trained.finetune)
+    state, meta = references.load_model_ref(trained.finetune)
     net = create_model(meta["arch"], meta["num_classes"], meta["dropout"])
     net.load_state_dict(state)
     model = ImageClassifier(net, meta["class_names"], meta["image_size"]).eval()

@@ -1,5 +1,6 @@
 """The MLproject, the step commands and the environment files agree with each other."""
 
+import dataclasses
 import importlib
 import re
 import subprocess
@@ -76,3 +77,26 @@ def test_prepare_data_bad_input(args, fragment, tmp_path):
     env = _env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
     r = subprocess.run([sys.executable, "-m", "steps.prepare_data", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_main_defaults_are_the_mlproject_defaults():
+    """`mlflow run .` passes every parameter, so a default in one place and not the other would split the two ways in."""
+    from pipeline.chain import MainConfig
+
+    params = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]["parameters"]
+    cfg = MainConfig()
+    assert set(params) == {f.name for f in dataclasses.fields(MainConfig)}
+    for name, spec in params.items():
+        value = getattr(cfg, name)
+        expected = str(value).lower() if isinstance(value, bool) else value
+        assert (float(spec["default"]) if spec["type"] == "float" else spec["default"]) == expected, name
+
+
+def test_main_spreads_its_options_over_the_steps():
+    from pipeline.chain import MainConfig
+
+    chain = MainConfig(pretrain_epochs=2, finetune_epochs=1, frozen_layers=4, seed=7, register_as="m").to_chain()
+    assert (chain.pretrain.epochs, chain.pretrain.lr, chain.pretrain.frozen_layers) == (2, 0.05, 0)
+    assert (chain.finetune.epochs, chain.finetune.lr, chain.finetune.frozen_layers) == (1, 0.01, 4)
+    assert chain.prepare.seed == chain.pretrain.seed == chain.finetune.seed == 7
+    assert chain.register_as == "m" and chain.finetune.register_as == ""  # registered after evaluate, not by finetune

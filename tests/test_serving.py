@@ -212,11 +212,11 @@ def test_models_logged_before_the_pyfunc_still_load(trained, tmp_path):
     """Earlier versions logged an MLflow PyTorch model with the state dict under extra_files/."""
     import shutil
 
-    from pipeline import tracking
+    from pipeline import references
 
     old = tmp_path / "old-model"
     shutil.copytree(mlflow.artifacts.download_artifacts(f"runs:/{trained.finetune}/model"), old)
     (old / "artifacts").rename(old / "extra_files")
-    state, meta = tracking.load_model_ref(str(old))
-    current, _ = tracking.load_model_ref(trained.finetune)
+    state, meta = references.load_model_ref(str(old))
+    current, _ = references.load_model_ref(trained.finetune)
     assert meta["arch"] == "resnet18" and all(torch.equal(state[k], current[k]) for k in current)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from pipeline import tracking
+from pipeline import references
 from pipeline.config import TuneConfig
 from pipeline.errors import PipelineError
 from pipeline.study_storage import storage_identity
@@ -116,7 +116,7 @@ def test_study_nests_trials_prunes_fails_registers_and_resumes(digits, store):
     assert "user_attrs_mlflow_run_id" in table and table.count("\n") == 5
 
     # The champion is the best trial's model, loadable by alias.
-    state, meta = tracking.load_model_ref("models:/digits-tuned@champion")
+    state, meta = references.load_model_ref("models:/digits-tuned@champion")
     assert meta["source_run_id"] == best.user_attrs[ATTR_RUN_ID] and meta["num_classes"] == 10 and state
     # Its version says what it was trained on and from, and how it scores on the test split, which
     # the best trial's run now holds too.

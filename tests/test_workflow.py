@@ -8,11 +8,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from pipeline import tracking
+from pipeline import references
 from pipeline.config import EvaluateConfig, TrainConfig
 from pipeline.data.store import load_dataset
 from pipeline.errors import PipelineError
-from pipeline.workflow import run_evaluate, run_train
+from pipeline.run_checkpoints import CHECKPOINT_DIR, CheckpointUploads
+from pipeline.runners import run_evaluate, run_train
 
 TRAIN_PARAMS = {"data", "arch", "weights", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "label_smoothing", "precision", "device", "seed"}
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro", "lr", "images_per_sec"}
@@ -43,6 +44,7 @@ def test_pretrain_logs_contract_params_epoch_metrics_config_and_model(trained):
     history = MlflowClient().get_metric_history(trained.pretrain, "val_f1_macro")
     assert [m.step for m in history] == [1, 2]
     assert "config.yaml" in _artifacts(trained.pretrain)
+    assert run.data.tags["pipeline.stopped_early"] == "false"  # patience=0 ran all epochs (history above)
     assert run.data.tags["pipeline.upstream.data"] == f"runs:/{trained.prepare}/dataset"
     assert run.inputs.dataset_inputs[0].tags[0].value == "training"
     # The logged model takes what a user has: uint8 (N, H, W, 3) images, of any size.
@@ -63,8 +65,8 @@ def test_finetune_consumes_pretrain_and_keeps_frozen_stages(trained):
     assert run.data.params["frozen_layers"] == "3" and run.data.params["arch"] == "resnet18"
     pre_params = int(mlflow.get_run(trained.pretrain).data.params["trainable_params"])
     assert 0 < int(run.data.params["trainable_params"]) < pre_params
-    pre_state, _ = tracking.load_model_ref(trained.pretrain)
-    fin_state, _ = tracking.load_model_ref(trained.finetune)
+    pre_state, _ = references.load_model_ref(trained.pretrain)
+    fin_state, _ = references.load_model_ref(trained.finetune)
     for k in pre_state:
         frozen = k.split(".")[0] in {"conv1", "bn1", "layer1", "layer2"}
         assert torch.equal(pre_state[k], fin_state[k]) == frozen or k.endswith("num_batches_tracked"), k
@@ -129,12 +131,37 @@ def test_dataset_where_a_model_is_expected(trained, experiment):
         run_train(TrainConfig(data=trained.finetune, epochs=1, device="cpu"), "pretrain")
     assert _last_run_status(experiment) == "FAILED"
     with pytest.raises(PipelineError, match=f"is an evaluate run \\(test results\\), not a model; .*model of this evaluate run: {trained.finetune}"):
-        tracking.model_uri(trained.evaluate)
+        references.model_uri(trained.evaluate)
     with pytest.raises(PipelineError, match="is a dataset"):
-        tracking.load_model_ref(f"runs:/{trained.prepare}/dataset")
+        references.load_model_ref(f"runs:/{trained.prepare}/dataset")
 
 
 def test_pretrained_architecture_must_fit(trained, experiment):
     with pytest.raises(PipelineError, match="is a resnet18, not arch=resnet50; set arch=resnet18"):
         run_train(TrainConfig(data=trained.prepare, pretrained=trained.pretrain, arch="resnet50", device="cpu"), "finetune")
     assert _last_run_status(experiment) == "FAILED"
+
+
+def test_early_stopping_is_tagged_on_the_run(trained, experiment):
+    # lr 1e-6 on the head only: val accuracy cannot improve after epoch 1, so patience=1 stops at epoch 2 of 4.
+    cfg = TrainConfig(data=trained.prepare, pretrained=trained.pretrain, arch="auto", frozen_layers=5, epochs=4, lr=1e-6,
+                      schedule="constant", patience=1, monitor="val_accuracy", batch_size=256, augment="none",
+                      precision="fp32", device="cpu", system_metrics=False)
+    run_id = run_train(cfg, "finetune")
+    epochs_run = len(MlflowClient().get_metric_history(run_id, "val_accuracy"))
+    assert epochs_run < 4
+    assert mlflow.get_run(run_id).data.tags["pipeline.stopped_early"] == "true"
+
+
+def test_checkpoint_uploads_throttle_and_always_upload_on_interrupt(experiment, tmp_path):
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"epoch")
+    with mlflow.start_run() as run:
+        CheckpointUploads(str(ckpt), enabled=False, every=0).after_epoch()
+        CheckpointUploads(str(ckpt), enabled=False).on_interrupt()
+        assert _artifacts(run.info.run_id, CHECKPOINT_DIR) == set()  # trials without heartbeats keep it local
+        uploads = CheckpointUploads(str(ckpt), every=3600)
+        uploads.after_epoch()  # within the interval: not yet
+        assert _artifacts(run.info.run_id, CHECKPOINT_DIR) == set()
+        uploads.on_interrupt()  # Ctrl-C: the last finished epoch goes up regardless
+        assert _artifacts(run.info.run_id, CHECKPOINT_DIR) == {f"{CHECKPOINT_DIR}/last.pt"}

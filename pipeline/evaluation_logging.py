@@ -1,0 +1,38 @@
+"""An evaluation report (pipeline.evaluation) logged to the active MLflow run: metrics, tables and plots."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+
+from pipeline.plots import plot_confusion
+from pipeline.plots import misclassified_grid, precision_recall_figure
+from pipeline.tracking import log_metrics
+
+
+def confusion_csv(confusion: np.ndarray, class_names: list[str]) -> str:
+    """The confusion matrix as CSV: one row per true class, one column per predicted class."""
+    header = "true/predicted," + ",".join(class_names)
+    rows = [f"{name}," + ",".join(str(int(v)) for v in confusion[i]) for i, name in enumerate(class_names)]
+    return "\n".join([header, *rows]) + "\n"
+
+
+def log_evaluation(report, class_names: list[str], split: str, images: np.ndarray | None = None) -> None:
+    """Metrics, the per-class CSV table, the text report, the confusion matrix (PNG + CSV), per-class
+    precision-recall curves (PNG) and, given the images, the most confidently misclassified (PNG)."""
+    log_metrics(report.metrics)
+    mlflow.log_text(report.per_class.to_csv(index=False), f"evaluation/{split}_per_class.csv")
+    mlflow.log_text(report.report, f"evaluation/{split}_classification_report.txt")
+    mlflow.log_text(confusion_csv(report.confusion, class_names), f"evaluation/{split}_confusion_matrix.csv")
+    figures = {
+        "confusion_matrix": plot_confusion(report.confusion, class_names),
+        "precision_recall": precision_recall_figure(report.labels, report.probabilities, class_names,
+                                                    report.average_precision),
+    }
+    if images is not None:
+        figures["misclassified"] = misclassified_grid(images, report.labels, report.probabilities, class_names)
+    import matplotlib.pyplot as plt
+
+    for name, fig in figures.items():
+        mlflow.log_figure(fig, f"evaluation/{split}_{name}.png")
+        plt.close(fig)

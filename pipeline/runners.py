@@ -1,0 +1,305 @@
+"""The step runners: each step as one tracked MLflow run, config in, artifacts and metrics out, run id returned.
+
+run_prepare, run_train (pretrain and finetune) and run_evaluate. The steps/ commands call them;
+pipeline.chain (main) calls them nested under one parent run, pipeline.tuning calls run_train per trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import torch
+
+from pipeline import distributed, registry, tracking
+from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.sources import read_image_tree
+from pipeline.data.imageset import DatasetSplits
+from pipeline.data.store import save_dataset
+from pipeline.errors import PipelineError
+from pipeline.evaluation import score_net
+from pipeline.evaluation_logging import log_evaluation
+from pipeline.models import ImageClassifier, build_logged_net, count_trainable, create_model, freeze, replace_head
+from pipeline.references import load_dataset_ref, load_model_ref, run_name_of
+from pipeline.run_checkpoints import CHECKPOINT_UPLOAD_S, LAST_CHECKPOINT, CheckpointUploads, load_resume_point
+from pipeline.device import resolve_device
+from pipeline.train import FitResult, fit, seed_everything
+
+MAX_LISTED_SKIPS = 100
+TAG_STOPPED_EARLY = "pipeline.stopped_early"  # true when early stopping (patience) ended training
+
+
+def run_prepare(cfg: PrepareConfig, nested: bool = False, tags: dict | None = None) -> str:
+    """prepare_data: decode the source once, carve splits, log the `dataset` artifact."""
+    name = f"prepare_data {os.path.basename(cfg.source.rstrip('/')) or cfg.source}"
+    with tracking.step_run("prepare_data", name, tags, nested) as run:
+        tracking.log_params(dataclasses.asdict(cfg))
+        ds, skipped = prepare_dataset(cfg)
+        info = {"source": cfg.source, "seed": cfg.seed, "skipped_files": skipped[:MAX_LISTED_SKIPS],
+                "num_skipped": len(skipped)}
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = save_dataset(ds, tmp, info)
+            tracking.log_dataset(tmp, manifest)
+        counts = {f"{split}_images": len(s) for split, s in ds.splits.items()}
+        tracking.log_metrics({**counts, "num_classes": ds.num_classes, "skipped_files": len(skipped)})
+        mlflow.set_tag("pipeline.dataset_digest", manifest["digest"])
+        sizes = " / ".join(f"{len(s)} {split}" for split, s in ds.splits.items())
+        tracking.set_note(f"Prepared `{cfg.source}`: {sizes} images of {ds.num_classes} classes at {ds.image_size} px"
+                          + (f", {len(skipped)} unreadable files skipped" if skipped else "")
+                          + f". Dataset: `runs:/{run.info.run_id}/{tracking.DATASET_ARTIFACT}` "
+                            f"(digest {manifest['digest']}).")
+        if skipped:
+            print(f"prepare_data: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
+        return run.info.run_id
+
+
+@dataclass(frozen=True)
+class TrialHooks:
+    """What a tuning trial adds to a finetune run; the defaults are a plain run's behaviour.
+
+    on_epoch(epoch, metrics) is called after each epoch is logged; it may raise one of the `stopped`
+    exception types to end training early on purpose (pruning): the run then ends KILLED instead of
+    FAILED, and the exception propagates.
+    upload_checkpoints=False keeps the resumable checkpoint local (trials without heartbeats: ~100 MB
+    each); otherwise it goes up at most every `upload_every` seconds, and on interruption.
+    start_from: an unfinished run of this step whose last checkpoint a NEW run continues from (the
+    retry of a dead worker's trial), unlike cfg.resume, which reopens the interrupted run itself.
+    """
+
+    on_epoch: Callable[[int, dict], None] | None = None
+    stopped: tuple[type[BaseException], ...] = ()
+    upload_checkpoints: bool = True
+    upload_every: float = CHECKPOINT_UPLOAD_S
+    start_from: str = ""
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What a training run starts from, with every pretrain/finetune difference already settled."""
+
+    cfg: TrainConfig  # arch=auto resolved to the pretrained model's
+    ds: DatasetSplits
+    manifest: dict
+    data_uri: str
+    net: torch.nn.Module
+    upstream: dict[str, str]  # pipeline.upstream.* tags: the dataset (and pretrained model) it came from
+    origin: str  # for the run's description: " from scratch", " from `<model uri>` with the first k ... frozen"
+
+
+def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | None = None,
+              hooks: TrialHooks = TrialHooks()) -> str | None:
+    """pretrain (all layers from scratch or ImageNet) or finetune (from `pretrained`, first k stages frozen).
+
+    Under torchrun every process runs this and trains on its shard of each global batch; only rank 0
+    starts, logs to and ends the MLflow run, writes checkpoints, calls hooks.on_epoch and returns the run
+    id. The other ranks only read MLflow (dataset, pretrained model, resume point) and return None.
+    """
+    world = distributed.read_world()
+    cfg, tags, resume_state = _resume_point(cfg, step, tags, hooks.start_from)
+    device = _check_training(cfg, step, world)
+    main = world.is_main
+    # Everything up to the first collective runs in failing_together: a rank failing there alone
+    # (its dataset download, say) makes every rank fail with its message instead of waiting.
+    step_run = tracking.step_run if main else _no_run
+    with distributed.joining_process_group(world, device), step_run(
+            step, _train_run_name(step, cfg), tags, nested, hooks.stopped, run_id=cfg.resume or None,
+            system_metrics=cfg.system_metrics) as run:
+        with distributed.failing_together(world):
+            inputs = load_training_inputs(cfg, step)
+            if main:
+                log_training_inputs(inputs, step, world)
+        result = _fit_uploading_checkpoints(inputs, resume_state, world, hooks)
+        if not main:
+            return None
+        log_training_outputs(inputs, step, result, run.info.run_id, device)
+        return run.info.run_id
+
+
+def _resume_point(cfg: TrainConfig, step: str, tags: dict | None, start_from: str):
+    """(config, tags, checkpoint or None): a resumed run's stored config, or a retried trial's checkpoint."""
+    if cfg.resume:
+        stored, state = load_resume_point(cfg.resume, step)
+        return TrainConfig(**{**stored, "resume": cfg.resume}), tags, state
+    if start_from:
+        _, state = load_resume_point(start_from, step)
+        return cfg, {**(tags or {}), "pipeline.resumed_from": start_from}, state
+    return cfg, tags, None
+
+
+def _check_training(cfg: TrainConfig, step: str, world) -> torch.device:
+    """Refuse what cannot train (on every rank alike), before any download; returns the device."""
+    with distributed.failing_alike():
+        if step == "finetune" and not cfg.pretrained:
+            raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI")
+        if step == "pretrain" and (cfg.pretrained or cfg.frozen_layers):
+            raise PipelineError("pretrain trains every layer from scratch; "
+                                "use the finetune step for pretrained/frozen_layers")
+        device = resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
+        distributed.check_world(world, cfg.batch_size, device)
+        if not cfg.data:
+            raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
+    return device
+
+
+def _train_run_name(step: str, cfg: TrainConfig) -> str:
+    return f"{step} {cfg.arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + f" lr={cfg.lr:g}"
+
+
+def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
+    """Load the dataset and build the network: from scratch or ImageNet (pretrain), or from the
+    pretrained model with its first stages frozen and, for a new class set, a fresh head (finetune)."""
+    splits = ("train", "val", "test") if cfg.register_as else ("train", "val")
+    ds, manifest, data_uri = load_dataset_ref(cfg.data, splits)
+    if cfg.register_as:
+        registry.require_test_split(manifest)  # before training, not after it
+    upstream = {"pipeline.upstream.data": data_uri}
+    seed_everything(cfg.seed)
+    if step == "finetune":
+        net, cfg, meta = _build_finetune_net(cfg, ds.class_names)
+        upstream["pipeline.upstream.pretrained"] = meta["model_uri"]
+        upstream["pipeline.upstream.pretrained_run"] = meta["source_run_id"]
+        origin = f" from `{meta['model_uri']}` with the first {cfg.frozen_layers} of 5 stages frozen"
+    else:
+        net = create_model(cfg.arch, ds.num_classes, cfg.dropout, cfg.weights)
+        origin = f" from {'ImageNet' if cfg.weights == 'imagenet' else 'scratch'}"
+    return TrainingInputs(cfg, ds, manifest, data_uri, net, upstream, origin)
+
+
+def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch.nn.Module, TrainConfig, dict]:
+    state, meta = load_model_ref(cfg.pretrained)
+    if cfg.arch not in ("auto", meta["arch"]):
+        raise PipelineError(
+            f"pretrained model {cfg.pretrained!r} is a {meta['arch']}, not arch={cfg.arch}; "
+            f"set arch={meta['arch']} (or auto)"
+        )
+    net = create_model(meta["arch"], meta["num_classes"], cfg.dropout)
+    net.load_state_dict(state)
+    if list(meta["class_names"]) != list(class_names):
+        replace_head(net, len(class_names))  # a new class set needs a fresh head
+    freeze(net, cfg.frozen_layers)
+    return net, dataclasses.replace(cfg, arch=meta["arch"]), meta
+
+
+def log_training_inputs(inputs: TrainingInputs, step: str, world) -> None:
+    """The run's name (arch=auto now resolved), upstream tags, params, and for a new run its config and data."""
+    cfg, ds = inputs.cfg, inputs.ds
+    if step == "finetune":
+        mlflow.set_tag("mlflow.runName", _train_run_name(step, cfg))
+    mlflow.set_tags({**inputs.upstream, tracking.TAG_ARCH: cfg.arch})
+    tracking.log_params(cfg.to_params())
+    tracking.log_params({"num_classes": ds.num_classes, "trainable_params": count_trainable(inputs.net),
+                         "train_images": len(ds.splits["train"]), "world_size": world.size})
+    if not cfg.resume:  # a new run (a trial's retry too) records its config and data
+        tracking.log_config(cfg.to_params())
+        tracking.log_dataset_input(inputs.manifest, inputs.data_uri, context="training")
+
+
+def _fit_uploading_checkpoints(inputs: TrainingInputs, resume_state: dict | None, world,
+                               hooks: TrialHooks) -> FitResult:
+    """fit(), logging each epoch's metrics and sending its checkpoint up as CheckpointUploads decides."""
+    cfg, ds = inputs.cfg, inputs.ds
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, LAST_CHECKPOINT) if world.is_main else None
+        uploads = CheckpointUploads(ckpt, hooks.upload_checkpoints, hooks.upload_every)
+
+        def log_epoch(epoch: int, metrics: dict) -> None:
+            tracking.log_metrics(metrics, step=epoch)
+            uploads.after_epoch()  # fit() wrote the checkpoint atomically just before
+            if hooks.on_epoch is not None:
+                hooks.on_epoch(epoch, metrics)
+
+        try:
+            return fit(inputs.net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes,
+                       log_epoch if world.is_main else None, ckpt, resume_state, world)
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: keep the last finished epoch for `resume`
+            uploads.on_interrupt()
+            raise
+
+
+def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, run_id: str, device) -> None:
+    """Best-epoch metrics, whether early stopping ended it, the model, the description, and registration."""
+    cfg, ds, net = inputs.cfg, inputs.ds, inputs.net
+    best_val = {f"best_{k}": v for k, v in result.best_metrics.items() if k.startswith("val_")}
+    tracking.log_metrics({"best_epoch": result.best_epoch, **best_val})
+    mlflow.set_tag(TAG_STOPPED_EARLY, str(result.stopped_early).lower())
+    meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names,
+            "image_size": ds.image_size, "dropout": cfg.dropout}
+    sample = ds.splits["val"].images[:2]
+    tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample)
+    best = result.best_metrics
+    tracking.set_note(f"{step} {cfg.arch} on `{inputs.data_uri}`{inputs.origin}, {cfg.epochs} epochs at lr {cfg.lr:g}. "
+                      f"Best epoch {result.best_epoch}: val accuracy {best.get('val_accuracy', float('nan')):.4f}, "
+                      f"val macro-F1 {best.get('val_f1_macro', float('nan')):.4f}. "
+                      f"Model: `runs:/{run_id}/{tracking.MODEL_NAME}`.")
+    if cfg.register_as:  # the model just logged is `net`: scored here, not downloaded again
+        test = ds.splits["test"]
+        report = score_net(net, test.images, test.labels, ds.class_names, "test", device, cfg.precision)
+        registry.register_trained_run(run_id, cfg.register_as, report, test.images, ds.class_names)
+
+
+@contextlib.contextmanager
+def _no_run(*args, **kwargs):
+    """step_run's stand-in on ranks other than 0: no MLflow run."""
+    yield None
+
+
+def _evaluation_images(cfg: EvaluateConfig, meta: dict):
+    """(images, labels, data_uri, manifest or None, skipped files) from a dataset reference or an image
+    folder/archive."""
+    is_user_images = os.path.exists(cfg.data) and not os.path.isfile(os.path.join(cfg.data, "manifest.json"))
+    if is_user_images:
+        src = read_image_tree(cfg.data, meta["image_size"], cfg.on_bad_image)
+        unknown = [c for c in src.class_names if c not in meta["class_names"]]
+        if unknown:
+            raise PipelineError(
+                f"{cfg.data!r} has class folders the model does not know: {', '.join(unknown)}; "
+                f"the model's classes are {', '.join(meta['class_names'])}"
+            )
+        split = src.splits.get(cfg.split) or src.splits["train"]  # a plain folder is all one split
+        remap = np.array([meta["class_names"].index(c) for c in src.class_names], np.int64)
+        return split.images, remap[split.labels], os.path.abspath(cfg.data), None, src.skipped_files
+    ds, manifest, uri = load_dataset_ref(cfg.data, (cfg.split,))
+    if ds.class_names != meta["class_names"]:
+        raise PipelineError(
+            f"dataset classes ({', '.join(ds.class_names)}) differ from the model's "
+            f"({', '.join(meta['class_names'])}); evaluate on data with the model's classes"
+        )
+    s = ds.splits[cfg.split]
+    return s.images, s.labels, uri, manifest, []
+
+
+def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = None) -> str:
+    """evaluate: score a model on a split (or the user's images); log metrics, tables and plots."""
+    device = resolve_device(cfg.device)
+    with tracking.step_run("evaluate", f"evaluate {cfg.split}", tags, nested) as run:
+        tracking.log_params(dataclasses.asdict(cfg))
+        state, meta = load_model_ref(cfg.model)
+        images, labels, data_uri, manifest, skipped = _evaluation_images(cfg, meta)
+        mlflow.set_tags({"pipeline.upstream.model": meta["model_uri"],
+                         "pipeline.upstream.model_run": meta["source_run_id"], "pipeline.upstream.data": data_uri})
+        model_name = run_name_of(meta["source_run_id"])
+        if model_name:  # "evaluate test: finetune resnet18 frozen=3 lr=0.01" scans better in the runs table
+            mlflow.set_tag("mlflow.runName", f"evaluate {cfg.split}: {model_name}")
+        if manifest is not None:
+            tracking.log_dataset_input(manifest, data_uri, context="evaluation")
+        report = score_net(build_logged_net(meta, state), images, labels, meta["class_names"], cfg.split, device,
+                           cfg.precision, cfg.tta, cfg.batch_size)
+        log_evaluation(report, meta["class_names"], cfg.split, images)
+        m = report.metrics
+        if manifest is None:  # the user's images: say what was left out, as prepare_data does
+            tracking.log_metrics({"skipped_files": len(skipped)})
+            if skipped:
+                mlflow.log_text("\n".join(skipped) + "\n", "evaluation/skipped_files.txt")
+                print(f"evaluate: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
+        tracking.set_note(f"Scored `{meta['model_uri']}` on the {cfg.split} split of `{data_uri}` ({len(labels)} images"
+                          + (f"; {len(skipped)} unreadable files skipped" if skipped else "") + "): "
+                          f"accuracy {m[f'{cfg.split}_accuracy']:.4f}, macro-F1 {m[f'{cfg.split}_f1_macro']:.4f}. "
+                          "Plots and tables under `evaluation/`.")
+        return run.info.run_id
