@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import mlflow
 
 from pipeline import tracking
-from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig, opt
+from pipeline.config import NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig, opt
 from pipeline.references import run_name_of
 from pipeline.registry import register_evaluated
 from pipeline.runners import run_evaluate, run_prepare, run_train
@@ -182,7 +182,7 @@ def describe_chain(cfg: ChainConfig, ids: dict[str, str], final: dict[str, float
     """The parent run's description in the UI: the headline result, then each step and whether it was reused."""
     split = cfg.evaluate_split
     tags = mlflow.get_run(parent_id).data.tags
-    lines = [f"{cfg.pretrain.arch} pretrained and fine-tuned with the first {cfg.finetune.frozen_layers} of 5 stages "
+    lines = [f"{cfg.pretrain.arch} pretrained and fine-tuned with the first {cfg.finetune.frozen_layers} of {NUM_STAGES} stages "
              f"frozen, on `{cfg.prepare.source}`. "
              f"{split.capitalize()} accuracy {final.get(f'{split}_accuracy', float('nan')):.4f}, "
              f"macro-F1 {final.get(f'{split}_f1_macro', float('nan')):.4f}.", ""]

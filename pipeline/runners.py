@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed, registry, tracking
-from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig
+from pipeline.config import NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import read_image_tree
 from pipeline.data.imageset import DatasetSplits
@@ -165,7 +165,7 @@ def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
         net, cfg, meta = _build_finetune_net(cfg, ds.class_names)
         upstream["pipeline.upstream.pretrained"] = meta["model_uri"]
         upstream["pipeline.upstream.pretrained_run"] = meta["source_run_id"]
-        origin = f" from `{meta['model_uri']}` with the first {cfg.frozen_layers} of 5 stages frozen"
+        origin = f" from `{meta['model_uri']}` with the first {cfg.frozen_layers} of {NUM_STAGES} stages frozen"
     else:
         net = create_model(cfg.arch, ds.num_classes, cfg.dropout, cfg.weights)
         origin = f" from {'ImageNet' if cfg.weights == 'imagenet' else 'scratch'}"
