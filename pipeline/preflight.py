@@ -63,7 +63,8 @@ def check_tracking_server(uri: str | None = None, timeout: float = SERVER_CHECK_
 
 def _unreachable_message(uri: str, exc: BaseException, timeout: float) -> str:
     cause = _find_in_chain(exc, (requests.exceptions.Timeout, requests.exceptions.ConnectionError))
-    if isinstance(cause, requests.exceptions.Timeout):
+    # Without retries urllib3's read timeout reaches us as a ConnectionError ("Read timed out").
+    if isinstance(cause, requests.exceptions.Timeout) or "timed out" in str(cause).lower():
         what = f"no answer within {timeout:g} s"
     elif cause is not None and "refused" in str(cause).lower():
         what = "connection refused (nothing listens on that port)"
@@ -115,13 +116,12 @@ def check_free_space(artifact_uri: str, needed_bytes: int, temp_bytes: int | Non
     local = _local_path(artifact_uri)
     if local is not None:
         wants.insert(0, ("artifact store", local, needed_bytes))
-    for label, path, need in _per_file_system(wants):
+    for where, path, need in _per_file_system([w for w in wants if w[2] > 0]):
         free = shutil.disk_usage(path).free
         if need > free:
             raise PipelineError(
-                f"the {label} {path} has {format_bytes(free)} free, but this run will write about {format_bytes(need)}; "
-                "free space there, point the experiment's artifact location elsewhere "
-                f"({TMPDIR_FIX} for the temporary directory)")
+                f"the {where} has {format_bytes(free)} free, but this run will write about {format_bytes(need)}; "
+                f"free space there, point the experiment's artifact location elsewhere, {TMPDIR_FIX}")
 
 
 def _local_path(artifact_uri: str) -> str | None:
@@ -133,6 +133,10 @@ def _local_path(artifact_uri: str) -> str | None:
         path = Path(artifact_uri)
     else:
         return None
+    return _nearest_existing(path)
+
+
+def _nearest_existing(path: Path) -> str:
     path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -140,15 +144,15 @@ def _local_path(artifact_uri: str) -> str | None:
 
 
 def _per_file_system(wants: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
-    """Merge needs that land on the same file system (same st_dev): they compete for its space."""
+    """(where, path, bytes) per file system: needs on one device (same st_dev) compete for its space."""
     merged: dict[int, tuple[str, str, int]] = {}
     for label, path, need in wants:
         dev = os.stat(path).st_dev
         if dev in merged:
-            first_label, first_path, first_need = merged[dev]
-            merged[dev] = (f"{first_label} (with the {label})", first_path, first_need + need)
+            where, first_path, first_need = merged[dev]
+            merged[dev] = (f"{where} and {label} {path} (one file system)", first_path, first_need + need)
         else:
-            merged[dev] = (label, path, need)
+            merged[dev] = (f"{label} {path}", path, need)
     return list(merged.values())
 
 
@@ -178,8 +182,10 @@ def describe_machine_error(exc: BaseException, uri: str | None = None) -> str | 
 
 def describe_os_error(err: OSError) -> str:
     what, fix = MACHINE_ERRNOS[err.errno]
-    if err.filename:
-        where = str(err.filename)
+    # A failed copy (shutil, MLflow's local artifact store) names the source first, the destination second.
+    target = err.filename2 or err.filename
+    if target:
+        where = f"{target} ({format_bytes(shutil.disk_usage(_nearest_existing(Path(target))).free)} free there)"
     else:  # a failed write() names no file: say where runs write, and how full each place is
         where = "writing " + "; ".join(f"{label} {path} ({format_bytes(shutil.disk_usage(path).free)} free)"
                                        for label, path in _write_locations())
