@@ -34,12 +34,14 @@ BYTES_PER_PARAM = 4  # fp32 weights
 CHECKPOINT_FACTOR = 4  # weights + optimizer state (momentum / Adam moments) + EMA copy, roughly
 KEPT_CHECKPOINTS = ".pipeline/checkpoints"  # under the working directory (git-ignored)
 TMPDIR_FIX = "or set TMPDIR to a folder with room"
-MACHINE_ERRNOS = {
-    errno.ENOSPC: ("no space left on the device", "free space there, point the experiment's artifact location elsewhere, " + TMPDIR_FIX),
-    errno.EDQUOT: ("disk quota exceeded", "free space within your quota, point the artifact location elsewhere, " + TMPDIR_FIX),
-    errno.EROFS: ("read-only file system", "point the experiment's artifact location at a writable folder, " + TMPDIR_FIX),
-    errno.EACCES: ("permission denied", "make it writable for this user, point the artifact location elsewhere, " + TMPDIR_FIX),
-    errno.EPERM: ("operation not permitted", "make it writable for this user, point the artifact location elsewhere, " + TMPDIR_FIX),
+ELSEWHERE = "point the experiment's artifact location elsewhere, " + TMPDIR_FIX
+WRITABLE = "make it writable for this user, " + ELSEWHERE
+MACHINE_ERRNOS = {  # errno: (what happened, the fix)
+    errno.ENOSPC: ("no space left on the device", "free space there, " + ELSEWHERE),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota, " + ELSEWHERE),
+    errno.EROFS: ("read-only file system", ELSEWHERE),
+    errno.EACCES: ("permission denied", WRITABLE),
+    errno.EPERM: ("operation not permitted", WRITABLE),
 }
 
 
@@ -240,4 +242,5 @@ def outage_message(uri: str, step: str, run_id: str, checkpoint: str | None, epo
     if checkpoint is None or not os.path.isfile(checkpoint):
         return f"{head} before its first epoch ended, nothing to resume; once the server answers, start it again"
     done = f" after epoch {epoch}" if epoch is not None else ""
-    return f"{head}{done}, its checkpoint is kept at {checkpoint}; once the server answers: {resume_command(step, run_id, checkpoint)}"
+    resume = resume_command(step, run_id, checkpoint)
+    return f"{head}{done}, its checkpoint is kept at {checkpoint}; once the server answers: {resume}"

@@ -56,12 +56,14 @@ def test_closed_port_stops_entry_point_tune_worker_and_main_with_one_line(tmp_pa
     uri = f"http://127.0.0.1:{closed_port()}"
     commands = {
         "prepare_data": ["steps.prepare_data", "--source", "digits"],
-        "tune": ["steps.tune", "--data", str(tmp_path), "--pretrained", str(tmp_path), "--storage", f"{tmp_path}/j.log"],
+        "tune": ["steps.tune", "--data", str(tmp_path), "--pretrained", str(tmp_path),
+                 "--storage", f"{tmp_path}/j.log"],
         "main": ["steps.main", "--source", "digits"],
     }
     # Started together: each pays ~10 s of imports on a loaded box; the check itself is one refused connect.
-    procs = {name: subprocess.Popen([sys.executable, "-m", *argv], cwd=tmp_path, env=subprocess_env(MLFLOW_TRACKING_URI=uri,
-                                    PYTHONPATH=str(PROJECT_ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(PROJECT_ROOT))
+    procs = {name: subprocess.Popen([sys.executable, "-m", *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
              for name, argv in commands.items()}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=180)
@@ -77,8 +79,9 @@ def test_closed_port_stops_entry_point_tune_worker_and_main_with_one_line(tmp_pa
 def test_plain_http_server_is_not_an_mlflow_server(plain_http_server):
     with pytest.raises(PipelineError) as info:
         preflight.check_tracking_server(plain_http_server)
-    assert str(info.value) == (f"tracking server {plain_http_server}: not an MLflow server (HTTP 404, text/html, to "
-                               "/api/2.0/mlflow/experiments/get-by-name); check the host, port and path in MLFLOW_TRACKING_URI")
+    assert str(info.value) == (f"tracking server {plain_http_server}: not an MLflow server (HTTP 404, text/html, "
+                               "to /api/2.0/mlflow/experiments/get-by-name); check the host, port and path in "
+                               "MLFLOW_TRACKING_URI")
 
 
 def test_server_that_accepts_but_never_answers_times_out():
@@ -99,7 +102,8 @@ def test_local_stores_are_not_probed():
 def test_real_mlflow_server_passes_and_its_allowed_hosts_403_is_named(tmp_path):
     port = closed_port()
     server = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/m.db", "--allowed-hosts", f"localhost:{port}"],
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
+                               "--allowed-hosts", f"localhost:{port}"],
                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, 120)
@@ -175,7 +179,8 @@ def test_wrapped_full_disk_is_one_line_naming_the_path(tmp_path):
 
 @pytest.mark.parametrize("code", [errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM])
 def test_other_machine_errors_name_their_cause(code, tmp_path):
-    line = preflight.describe_machine_error(PermissionError(code, os.strerror(code), str(tmp_path)), uri="sqlite:///x.db")
+    err = PermissionError(code, os.strerror(code), str(tmp_path))
+    line = preflight.describe_machine_error(err, uri="sqlite:///x.db")
     assert line.startswith(preflight.MACHINE_ERRNOS[code][0] + f": {tmp_path} (")
 
 
@@ -207,7 +212,8 @@ def tiny_tmpfs(tmp_path):
     where.mkdir()
     if shutil.which("mount") is None or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root and mount(8); the fast tests cover the message")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"mount -t tmpfs not permitted here: {done.stderr.strip()}")
     yield where
@@ -222,7 +228,8 @@ def test_full_artifact_store_fails_the_run_keeps_the_dataset_and_a_rerun_trains_
     exp_id = client.create_experiment("full-disk", artifact_location=str(tiny_tmpfs))
 
     def step(*argv):
-        return subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
 
     prep = step("steps.prepare_data", "--source", "digits", "--image-size", "8")
     assert prep.returncode == 0, prep.stderr
@@ -271,7 +278,8 @@ def test_free_space_refuses_a_run_that_cannot_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=3_000_000))
     with pytest.raises(PipelineError) as info:
         preflight.check_free_space(f"file://{tmp_path}/1/abc/artifacts", 40_000_000, temp_bytes=0)
-    assert str(info.value).startswith(f"the artifact store {tmp_path} has 3.0 MB free, but this run will write about 40.0 MB")
+    assert str(info.value).startswith(f"the artifact store {tmp_path} has 3.0 MB free, "
+                                      "but this run will write about 40.0 MB")
     preflight.check_free_space(f"file://{tmp_path}/1/abc/artifacts", 1_000_000, temp_bytes=0)
     preflight.check_free_space("mlflow-artifacts:/1/abc/artifacts", 40_000_000, temp_bytes=0)  # remote: not known
 
@@ -281,7 +289,9 @@ def test_artifact_store_and_temp_dir_on_one_file_system_must_fit_together(tmp_pa
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=5_000_000))
     preflight.check_free_space(str(tmp_path), 2_000_000, temp_bytes=2_000_000)
-    with pytest.raises(PipelineError, match=f"artifact store {tmp_path} and temporary directory {tmp_path} \\(one file system\\) has 5.0 MB free, but this run will write about 6.0 MB"):
+    together = (f"artifact store {tmp_path} and temporary directory {tmp_path} \\(one file system\\) has 5.0 MB free, "
+                "but this run will write about 6.0 MB")
+    with pytest.raises(PipelineError, match=together):
         preflight.check_free_space(str(tmp_path), 3_000_000, temp_bytes=3_000_000)
 
 
@@ -300,8 +310,9 @@ def test_outage_message_keeps_the_checkpoint_and_gives_the_resume_command(tmp_pa
     line = preflight.outage_message("http://mlflow:5000", "pretrain", run_id, ckpt, epoch=3)
     assert "\n" not in line
     assert line.startswith(f"lost the tracking server http://mlflow:5000 for longer than MLflow retries")
-    assert line.endswith(f"pretrain run {run_id} stopped after epoch 3, its checkpoint is kept at {ckpt}; once the server "
-                         f"answers: mlflow artifacts log-artifact --local-file {ckpt} --run-id {run_id} --artifact-path "
+    assert line.endswith(f"pretrain run {run_id} stopped after epoch 3, its checkpoint is kept at {ckpt}; once the "
+                         f"server answers: mlflow artifacts log-artifact --local-file {ckpt} --run-id {run_id} "
+                         "--artifact-path "
                          f"{tracking.CHECKPOINT_DIR} && python -m steps.pretrain --resume {run_id}")
 
 
