@@ -175,11 +175,18 @@ def describe_machine_error(exc: BaseException, uri: str | None = None) -> str | 
     if os_error is not None:
         return describe_os_error(os_error)
     uri = uri or mlflow.get_tracking_uri()
-    lost = _find_in_chain(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
-    if lost is not None and urlparse(uri).scheme in ("http", "https"):
+    if is_lost_server(exc, uri):
+        lost = _find_in_chain(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
         return (f"lost the tracking server {uri} for longer than MLflow retries ({_short(lost)}); once it answers, "
                 "rerun (pretrain/finetune: --resume <run id>); see README, Troubleshooting, to retry longer")
     return None
+
+
+def is_lost_server(exc: BaseException, uri: str | None = None) -> bool:
+    """True when an http(s) tracking server stopped answering (after MLflow's retries) somewhere in exc's chain."""
+    uri = uri or mlflow.get_tracking_uri()
+    lost = _find_in_chain(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+    return lost is not None and urlparse(uri).scheme in ("http", "https")
 
 
 def describe_os_error(err: OSError) -> str:
@@ -223,6 +230,10 @@ def _short(exc: BaseException) -> str:
 
 
 # -- a long outage in the middle of a run --------------------------------------------------------
+
+class TrackingLost(PipelineError):
+    """The server went away mid-run: ending the run would wait out MLflow's retries again, so don't."""
+
 
 def kept_checkpoint_path(run_id: str, filename: str = "last.pt") -> str:
     """Where a training step keeps its last checkpoint when the run cannot take it (a lost server)."""

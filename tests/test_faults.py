@@ -341,3 +341,6 @@ def test_lost_server_mid_run_is_one_line_not_a_traceback():
     line = preflight.describe_machine_error(wrapped, uri="http://mlflow:5000")
     assert line.startswith("lost the tracking server http://mlflow:5000 for longer than MLflow retries (Max retries")
     assert preflight.describe_machine_error(wrapped, uri="sqlite:///m.db") is None  # not a server's fault there
+    assert preflight.is_lost_server(wrapped, "https://mlflow:5000")
+    assert not preflight.is_lost_server(wrapped, "sqlite:///m.db")
+    assert not preflight.is_lost_server(MlflowException("RESOURCE_DOES_NOT_EXIST"), "http://mlflow:5000")
