@@ -14,9 +14,11 @@ import signal
 import sys
 
 import click
+import mlflow
 
 from pipeline.distributed import is_raised_on_every_rank, mark_raised_on_every_rank, read_world
 from pipeline.errors import PipelineError
+from pipeline.preflight import check_tracking_server, describe_machine_error
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -48,14 +50,18 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def handle_errors(fn=None, *, torchrun: bool = False):
-    """Turn PipelineError into one line + exit 2, Ctrl-C/SIGTERM into exit 130.
+def handle_errors(fn=None, *, torchrun: bool = False, tracking: bool = True):
+    """Turn PipelineError and faults of the machine into one line + exit 2, Ctrl-C/SIGTERM into exit 130.
 
     torchrun=True: the command may run as several processes under torchrun (pretrain, finetune);
     the other commands refuse to, rather than run once per process.
+    tracking=True: an http(s) tracking server is asked once, briefly, before any work
+    (MLflow's own client would retry for minutes); commands that never track pass False.
+    An OS error such as a full disk or a lost tracking server, anywhere in an exception's chain, is
+    one line too; any other exception keeps its traceback.
     """
     if fn is None:
-        return functools.partial(handle_errors, torchrun=torchrun)
+        return functools.partial(handle_errors, torchrun=torchrun, tracking=tracking)
 
     @click.option("--debug", is_flag=True, default=False, help="show full tracebacks (also PIPELINE_DEBUG=1)")
     @functools.wraps(fn)
@@ -67,9 +73,12 @@ def handle_errors(fn=None, *, torchrun: bool = False):
         # finished epoch's checkpoint is already in the run's artifacts for `resume`.
         signal.signal(signal.SIGTERM, _raise_interrupt)
         world = read_world()
+        runs_before = _last_run_id()
         try:
             if world.size > 1 and not torchrun:
                 raise mark_raised_on_every_rank(PipelineError("this step runs as one process; only pretrain and finetune run under torchrun"))
+            if tracking:
+                check_tracking_server()
             return fn(*args, **kwargs)
         except PipelineError as exc:
             if debug:
@@ -81,8 +90,31 @@ def handle_errors(fn=None, *, torchrun: bool = False):
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             if world.is_main:  # the other ranks have no run
-                click.echo("interrupted: the run was ended KILLED", err=True)
+                click.echo(describe_interrupted_run(runs_before), err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:
+            line = None if debug else describe_machine_error(exc)
+            if line is None:  # our bug, or one we cannot name: the traceback is the useful part
+                raise
+            click.echo(f"error: {line}" + ("" if world.is_main else f" [rank {world.rank}]"), err=True)
+            sys.exit(EXIT_USER_ERROR)
 
     return wrapper
 
+
+def _last_run_id() -> str | None:
+    """The run this process had open most recently (MLflow keeps it per thread), or None."""
+    active = mlflow.active_run()
+    return active.info.run_id if active else mlflow.tracking.fluent._last_active_run_id.get()
+
+
+def describe_interrupted_run(run_before: str | None) -> str:
+    """The line for Ctrl-C: the run this command opened and how it ended, or that there was none."""
+    run_id = _last_run_id()
+    if run_id is None or run_id == run_before:
+        return "interrupted before any run was created"
+    try:
+        run = mlflow.get_run(run_id)
+    except Exception:  # the store may be what hung; the id is still worth printing
+        return f"interrupted: run {run_id}"
+    return f"interrupted: run {run_id} ({run.info.run_name}) was ended {run.info.status}"
