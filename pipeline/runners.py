@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import mlflow
 import numpy as np
 import torch
 
-from pipeline import distributed, registry, tracking
+from pipeline import distributed, preflight, registry, tracking
 from pipeline.config import NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import read_image_tree
@@ -42,6 +43,8 @@ def run_prepare(cfg: PrepareConfig, nested: bool = False, tags: dict | None = No
     with tracking.step_run("prepare_data", name, tags, nested) as run:
         tracking.log_params(dataclasses.asdict(cfg))
         ds, skipped = prepare_dataset(cfg)
+        dataset_bytes = sum(s.images.nbytes + s.labels.nbytes for s in ds.splits.values())
+        preflight.check_free_space(run.info.artifact_uri, preflight.estimate_run_bytes(0, 0, dataset_bytes))
         info = {"source": cfg.source, "seed": cfg.seed, "skipped_files": skipped[:MAX_LISTED_SKIPS],
                 "num_skipped": len(skipped)}
         with tempfile.TemporaryDirectory() as tmp:
@@ -114,8 +117,9 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
         with distributed.failing_together(world):
             inputs = load_training_inputs(cfg, step)
             if main:
+                _check_training_space(run.info.artifact_uri, inputs.net, hooks)
                 log_training_inputs(inputs, step, world)
-        result = _fit_uploading_checkpoints(inputs, resume_state, world, hooks)
+        result = _fit_uploading_checkpoints(inputs, step, resume_state, world, hooks)
         if not main:
             return None
         log_training_outputs(inputs, step, result, run.info.run_id, device)
@@ -201,26 +205,54 @@ def log_training_inputs(inputs: TrainingInputs, step: str, world) -> None:
         tracking.log_dataset_input(inputs.manifest, inputs.data_uri, context="training")
 
 
-def _fit_uploading_checkpoints(inputs: TrainingInputs, resume_state: dict | None, world,
+def _check_training_space(artifact_uri: str, net: torch.nn.Module, hooks: TrialHooks) -> None:
+    """Refuse to train when the model (and the checkpoint, where it goes up) clearly cannot be stored."""
+    n = sum(p.numel() for p in net.parameters())
+    preflight.check_free_space(artifact_uri, preflight.estimate_run_bytes(n, checkpoints=int(hooks.upload_checkpoints)),
+                               temp_bytes=preflight.estimate_run_bytes(n, checkpoints=1))
+
+
+def _fit_uploading_checkpoints(inputs: TrainingInputs, step: str, resume_state: dict | None, world,
                                hooks: TrialHooks) -> FitResult:
-    """fit(), logging each epoch's metrics and sending its checkpoint up as CheckpointUploads decides."""
+    """fit(), logging each epoch's metrics and sending its checkpoint up as CheckpointUploads decides.
+
+    The checkpoint is written under .pipeline/checkpoints/<run id>/ and removed once the run no longer
+    needs it there; it stays when the tracking server is lost mid-run, for the resume command printed then.
+    """
     cfg, ds = inputs.cfg, inputs.ds
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = os.path.join(tmp, LAST_CHECKPOINT) if world.is_main else None
-        uploads = CheckpointUploads(ckpt, hooks.upload_checkpoints, hooks.upload_every)
+    run_id = mlflow.active_run().info.run_id if world.is_main else ""
+    ckpt = preflight.kept_checkpoint_path(run_id, LAST_CHECKPOINT) if world.is_main else None
+    uploads = CheckpointUploads(ckpt, hooks.upload_checkpoints, hooks.upload_every)
+    done: list[int] = []
 
-        def log_epoch(epoch: int, metrics: dict) -> None:
-            tracking.log_metrics(metrics, step=epoch)
-            uploads.after_epoch()  # fit() wrote the checkpoint atomically just before
-            if hooks.on_epoch is not None:
-                hooks.on_epoch(epoch, metrics)
+    def log_epoch(epoch: int, metrics: dict) -> None:
+        tracking.log_metrics(metrics, step=epoch)
+        done.append(epoch)
+        uploads.after_epoch()  # fit() wrote the checkpoint atomically just before
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(epoch, metrics)
 
-        try:
-            return fit(inputs.net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes,
-                       log_epoch if world.is_main else None, ckpt, resume_state, world)
-        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: keep the last finished epoch for `resume`
-            uploads.on_interrupt()
-            raise
+    try:
+        result = fit(inputs.net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes,
+                     log_epoch if world.is_main else None, ckpt, resume_state, world)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: keep the last finished epoch for `resume`
+        uploads.on_interrupt()
+        _remove_local_checkpoint(ckpt)
+        raise
+    except Exception as exc:
+        if ckpt and preflight.is_lost_server(exc):
+            message = preflight.outage_message(mlflow.get_tracking_uri(), step, run_id, ckpt,
+                                               done[-1] if done else None)
+            raise preflight.TrackingLost(message) from exc
+        _remove_local_checkpoint(ckpt)
+        raise
+    _remove_local_checkpoint(ckpt)
+    return result
+
+
+def _remove_local_checkpoint(ckpt: str | None) -> None:
+    if ckpt:
+        shutil.rmtree(os.path.dirname(ckpt), ignore_errors=True)
 
 
 def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, run_id: str, device) -> None:

@@ -25,6 +25,7 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
+from pipeline.preflight import TrackingLost
 from pipeline.serving import META_ARTIFACT, WEIGHTS_ARTIFACT, predictions_frame
 
 DATASET_ARTIFACT = "dataset"
@@ -218,11 +219,24 @@ def _point_to(launcher_run: str, resumed_run: str, step: str) -> None:
     client.set_tag(launcher_run, "mlflow.note.content", f"Resumed run {resumed_run}; its metrics and model are there.")
 
 
+def _forget_active_run() -> None:
+    """Drop the active run from MLflow's stack without a call to the server; it stays RUNNING there,
+    which `resume` accepts."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    if stack:
+        stack.pop()
+
+
 @contextlib.contextmanager
 def ending_run(stopped: tuple[type[BaseException], ...] = ()):
     """End the active run as its block ends: FINISHED, KILLED (Ctrl-C, SIGTERM, `stopped`), or FAILED."""
     try:
         yield
+    except TrackingLost:
+        _forget_active_run()  # ending it would wait out MLflow's retries against the lost server again
+        raise
     except (KeyboardInterrupt, *stopped):
         mlflow.end_run("KILLED")
         raise

@@ -344,3 +344,63 @@ def test_lost_server_mid_run_is_one_line_not_a_traceback():
     assert preflight.is_lost_server(wrapped, "https://mlflow:5000")
     assert not preflight.is_lost_server(wrapped, "sqlite:///m.db")
     assert not preflight.is_lost_server(MlflowException("RESOURCE_DOES_NOT_EXIST"), "http://mlflow:5000")
+
+
+def _tiny_dataset(store_dir) -> str:
+    from pipeline.config import PrepareConfig
+    from pipeline.runners import run_prepare
+
+    return run_prepare(PrepareConfig(source="digits", image_size=8, classes="0,1,2", samples_per_class=20))
+
+
+def test_pretrain_refuses_to_start_when_the_model_cannot_be_stored(store, monkeypatch):
+    from pipeline.config import TrainConfig
+    from pipeline.runners import run_train
+
+    data = _tiny_dataset(store)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(PipelineError, match=r"has 1.0 KB free, but this run will write about"):
+        run_train(TrainConfig(data=data, arch="resnet9", epochs=1, batch_size=32, precision="fp32", device="cpu"), "pretrain")
+    failed = mlflow.search_runs(filter_string="tags.`pipeline.step` = 'pretrain'", output_format="list")
+    assert [r.info.status for r in failed] == ["FAILED"]
+    assert not failed[0].data.metrics  # refused before the first epoch
+
+
+def test_lost_server_mid_run_keeps_the_checkpoint_and_the_printed_commands_resume_it(store, monkeypatch):
+    """The server goes away after epoch 1 (simulated: log_metrics raises what MLflow raises once its retries
+    are spent): one line naming the kept checkpoint, the run not ended; the commands printed resume it."""
+    import requests
+
+    from pipeline import runners
+    from pipeline.config import TrainConfig
+    from pipeline.runners import run_train
+
+    data = _tiny_dataset(store)
+    monkeypatch.chdir(store)
+    real_log, calls = tracking.log_metrics, []
+
+    def flaky_log(metrics, step=None):
+        calls.append(step)
+        if step == 2:
+            raise MlflowException("API request failed") from requests.exceptions.ConnectionError("refused")
+        real_log(metrics, step)
+
+    monkeypatch.setattr(runners.tracking, "log_metrics", flaky_log)
+    real_lost = preflight.is_lost_server
+    monkeypatch.setattr(preflight, "is_lost_server", lambda exc, uri=None: real_lost(exc, "http://127.0.0.1:9"))
+    cfg = TrainConfig(data=data, arch="resnet9", epochs=3, batch_size=32, precision="fp32", device="cpu")
+    with pytest.raises(preflight.TrackingLost) as lost:
+        run_train(cfg, "pretrain")
+    message = str(lost.value)
+    assert "\n" not in message and "after epoch 1" in message
+    run = mlflow.search_runs(filter_string="tags.`pipeline.step` = 'pretrain'", output_format="list")[0]
+    assert run.info.status == "RUNNING" and mlflow.active_run() is None
+    kept = preflight.kept_checkpoint_path(run.info.run_id)
+    assert os.path.isfile(kept) and kept in message
+    assert preflight.resume_command("pretrain", run.info.run_id, kept) in message
+    monkeypatch.setattr(runners.tracking, "log_metrics", real_log)
+    # the printed command's first half (mlflow artifacts log-artifact), done through the client
+    mlflow.tracking.MlflowClient().log_artifact(run.info.run_id, kept, "checkpoints")
+    resumed = run_train(TrainConfig(resume=run.info.run_id), "pretrain")
+    assert resumed == run.info.run_id
+    assert mlflow.get_run(resumed).info.status == "FINISHED"
