@@ -137,7 +137,8 @@ def test_allowed_gap_is_two_standard_errors_with_a_floor():
 def train_digits(precision_name: str) -> float:
     """Validation accuracy of one short, seeded resnet9 recipe on digits at 16 px."""
     digits = load_digits(16).splits["train"]
-    train, val = ImageSet(digits.images[:1000], digits.labels[:1000]), ImageSet(digits.images[1000:], digits.labels[1000:])
+    train = ImageSet(digits.images[:1000], digits.labels[:1000])
+    val = ImageSet(digits.images[1000:], digits.labels[1000:])
     cfg = TrainConfig(data="d", arch="resnet9", epochs=3, batch_size=64, lr=2e-3, optimizer="adamw",
                       schedule="cosine", augment="none", precision=precision_name, device="cpu", seed=0)
     seed_everything(cfg.seed)
