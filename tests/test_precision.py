@@ -24,9 +24,10 @@ from pipeline.train import fit, seed_everything
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
-    """Every test gets an empty cache of its own, and may warn again."""
+    """Every test gets an empty cache of its own, may warn again, and sees an idle machine."""
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(precision, "_warned", False)
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     return tmp_path / "cache"
 
 
@@ -74,6 +75,14 @@ def test_the_verdict_is_cached_per_arch_and_image_size():
     assert [c[:2] for c in timer.calls] == [("resnet18", 32), ("resnet9", 32), ("resnet18", 16)]
     stored = json.loads(cache_path().read_text())
     assert len(stored) == 3 and all(torch.__version__ in key for key in stored)
+
+
+def test_a_verdict_measured_on_a_busy_machine_is_used_but_not_cached(monkeypatch):
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (3.0 * (precision.os.cpu_count() or 1), 0.0, 0.0))
+    timer = FakeTimer(1.5)
+    dtype, _ = resolve_cpu_amp_dtype("resnet18", 32, 128, 10, timer=timer)
+    resolve_cpu_amp_dtype("resnet18", 32, 128, 10, timer=timer)
+    assert dtype is torch.bfloat16 and len(timer.calls) == 2 and not cache_path().exists()
 
 
 @pytest.mark.parametrize("content", ["{not json", '["a list"]', '{"k": {"choice": "bf16"}}'])
