@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", default=os.environ.get("BENCH_TINY") == "1",
                    help="one step of everything (harness smoke test; also BENCH_TINY=1)")
     args = p.parse_args(argv)
+    precisions = parse_precisions(args.precision)
 
     from benchmarks.overhead import temporary_tracking_store, tracking_overhead, tuning_overhead
 
@@ -169,7 +170,6 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_throughput and cases:
         need = max((c.warmup + c.steps) * args.batch_size for c in cases)
         images, labels = load_images(args.data, need, 32, args.archive)
-        precisions = parse_precisions(args.precision)
         for case in cases:
             records = compare(case, images, labels, args.batch_size, args.rounds, args.device, precisions)
             for rec in records:
