@@ -1,15 +1,18 @@
 """`make bench`: the pipeline's training loop vs the classic loop, then tracking and tuning overhead.
 
 Prints one JSON line per measurement on stdout:
-    {"bench": "system", ...}                      the machine, threads, the autocast dtype chosen
-    {"arch": ..., "stem": ..., "classic_img_s": ..., "pipeline_img_s": ..., "ratio": ...}
+    {"bench": "system", ...}                      the machine (CPU model, bf16/AMX flags), threads
+    {"arch": ..., "stem": ..., "precision": ..., "classic_img_s": ..., "pipeline_img_s": ..., "ratio": ...}
+    {"bench": "precision", "fp32_img_s": ..., "bf16_img_s": ..., "auto_img_s": ..., "auto_choice": ...}
+                                                  per case, when more than one precision ran
     {"bench": "tracking_overhead", "overhead_pct": ..., ...}
     {"bench": "tuning_overhead", "per_trial_s": ..., ...}
     {"bench": "total", "wall_s": ...}
 
 Defaults fit a 2-core CPU in a few minutes; on a GPU pass more steps (benchmarks/gpu_check.sh).
 BENCH_TINY=1 (or --tiny) runs one step of everything: a smoke test of the harness, not a figure.
-MLflow writes to a temporary store, never to ./mlflow.db.
+MLflow writes to a temporary store, never to ./mlflow.db; precision=auto measures into a temporary
+cache (PIPELINE_CACHE_DIR), so every bench shows a fresh verdict and what it cost.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.throughput import CPU_CASES, Case, compare  # noqa: E402
-from pipeline.device import cpu_has_fast_bf16, resolve_amp_dtype, resolve_device  # noqa: E402
+import tempfile  # noqa: E402
+
+from benchmarks.throughput import CPU_CASES, Case, compare, summarize_precisions  # noqa: E402
+from pipeline.precision import CACHE_ENV, cpu_model_name  # noqa: E402
+from pipeline.device import resolve_amp_dtype, resolve_device  # noqa: E402
 
 DEFAULT_ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10-jpeg-train.tar.gz")
 
@@ -53,24 +59,34 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "avx_ne_convert")  # what the CPU says; the bench measures
+
+
+def cpu_identity() -> dict:
+    flags = cpu_flags()
+    return {"cpu_model": cpu_model_name(), "cpu_bf16_flags": [f for f in BF16_FLAGS if f in flags]}
+
+
 def system_record(device: str, precision: str) -> dict:
+    """The machine; with one precision, also the autocast dtype pipeline.train.resolve_amp_dtype gives it."""
     dev = resolve_device(device)
     flags = cpu_flags()
-    amp = resolve_amp_dtype(precision, dev)
     rec = {
         "bench": "system",
         "cpu": platform.processor() or platform.machine(),
+        **cpu_identity(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
-        "cpu_fast_bf16": cpu_has_fast_bf16(),
         "device": dev.type,
-        "pipeline_precision": str(amp).replace("torch.", "") if amp else "fp32",
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }
+    if "," not in precision:
+        amp = resolve_amp_dtype(precision, dev)
+        rec["pipeline_precision"] = str(amp).replace("torch.", "") if amp else "fp32"
     if dev.type == "cuda":
         rec["gpu"] = torch.cuda.get_device_name()
     return rec
@@ -102,6 +118,14 @@ def parse_cases(text: str) -> list[Case]:
     return out
 
 
+def parse_precisions(text: str) -> tuple[str, ...]:
+    names = tuple(filter(None, (t.strip() for t in text.split(","))))
+    bad = [n for n in names if n not in ("auto", "bf16", "fp32")]
+    if bad or not names:
+        raise SystemExit(f"--precision {text!r}: use auto, bf16, fp32 or a comma-separated list of them")
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default=",".join(f"{c.arch}:{c.stem}" for c in CPU_CASES),
@@ -111,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="classic/pipeline alternations; medians are reported")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", help="the pipeline's precision: auto | bf16 | fp32")
+    p.add_argument("--precision", default="fp32,bf16,auto",
+                   help="the pipeline's precision(s), comma-separated: auto | bf16 | fp32 (each is timed per round)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     p.add_argument("--data", choices=("random", "jpeg"), default="random",
                    help="random uint8 pixels, or the CIFAR-10 JPEG archive decoded once (--archive)")
@@ -122,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", default=os.environ.get("BENCH_TINY") == "1",
                    help="one step of everything (harness smoke test; also BENCH_TINY=1)")
     args = p.parse_args(argv)
+    precisions = parse_precisions(args.precision)
 
     from benchmarks.overhead import temporary_tracking_store, tracking_overhead, tuning_overhead
 
@@ -129,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     temporary_tracking_store()
+    os.environ.setdefault(CACHE_ENV, tempfile.mkdtemp(prefix="bench-precision-"))
     emit(system_record(args.device, args.precision))
 
     cases = parse_cases(args.cases)
@@ -144,9 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         need = max((c.warmup + c.steps) * args.batch_size for c in cases)
         images, labels = load_images(args.data, need, 32, args.archive)
         for case in cases:
-            rec = compare(case, images, labels, args.batch_size, args.rounds, args.device, args.precision)
-            rec["data"] = args.data
-            emit(rec)
+            records = compare(case, images, labels, args.batch_size, args.rounds, args.device, precisions)
+            for rec in records:
+                emit({**rec, "data": args.data})
+            if len(records) > 1:
+                emit(summarize_precisions(records, cpu_identity()))
 
     if not args.skip_overhead:
         emit(tracking_overhead(epochs=1 if args.tiny else 2, device=args.device))

@@ -164,7 +164,7 @@ def run_chain(cfg: ChainConfig, log=print) -> dict[str, str]:
             lambda tags: run_train(fin, "finetune", nested=True, tags=tags), log,
         )
         ev = EvaluateConfig(model=ids["finetune"], data=ids["prepare_data"], split=cfg.evaluate_split,
-                            precision=cfg.finetune.precision, device=cfg.finetune.device)
+                            device=cfg.finetune.device)
         ids["evaluate"] = _reuse_or_run(
             "evaluate", dataclasses.asdict(ev), {"model": ids["finetune"], "data": ids["prepare_data"]}, exp,
             lambda tags: run_evaluate(ev, nested=True, tags=tags), log,

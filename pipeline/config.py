@@ -179,7 +179,7 @@ class EvaluateConfig:
     split: str = opt("test", "train | val | test (an image folder: its test/ folder, else all images)")
     batch_size: int = opt(EVAL_BATCH, "images per inference batch")
     tta: bool = opt(False, "average predictions over the image and its horizontal flip")
-    precision: str = opt("auto", "auto | bf16 | fp32")
+    precision: str = opt("fp32", "fp32 (what the served model computes, so the metrics are its own) | bf16 | auto")
     device: str = opt("auto", "auto | cpu | cuda")
     on_bad_image: str = opt("skip", "image folders: skip (and count) or fail on unreadable files")
     max_image_pixels: int = opt(DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_HELP)
