@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core box spinning slowed training 4x.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast bench ui clean
+.PHONY: install demo test test-fast lint bench ui clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.errors import PipelineError
 from pipeline.config import NUM_STAGES, TrainConfig
 from pipeline.data.imageset import ImageSet
+from pipeline.errors import PipelineError
 from pipeline.models import count_trainable, create_model, freeze, frozen_stages, replace_head, set_train_mode, stages
 from pipeline.train import fit
 
@@ -57,8 +57,11 @@ def test_fit_keeps_batchnorm_still_in_the_stages_the_net_has_frozen():
     freeze(net, 2)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     g = torch.Generator().manual_seed(0)
-    images = lambda n: ImageSet(torch.randint(0, 256, (n, 8, 8, 3), dtype=torch.uint8, generator=g).numpy(),
-                                (torch.arange(n) % 3).numpy())  # noqa: E731
+
+    def images(n):
+        return ImageSet(torch.randint(0, 256, (n, 8, 8, 3), dtype=torch.uint8, generator=g).numpy(),
+                        (torch.arange(n) % 3).numpy())
+
     cfg = TrainConfig(data="d", arch="resnet9", epochs=1, batch_size=8, lr=0.05, augment="none", precision="fp32",
                       device="cpu", frozen_layers=0)
     fit(net, images(16), images(6), cfg, 3)
