@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 # The checkpoint's contents: checkpoint_state writes exactly the keys restore_state reads. The keys
-# are a format: checkpoints of runs interrupted before a change must still resume after it.
+# are a format: checkpoints of runs interrupted before a change must still resume after it. No
+# random generator state: fit() seeds every epoch's draws from (seed, epoch[, rank]).
 def checkpoint_state(loop: LoopState) -> dict:
     """Everything fit() needs to continue after `loop.epoch` as if it had never stopped."""
     return {
@@ -24,8 +25,6 @@ def checkpoint_state(loop: LoopState) -> dict:
         "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
         "ema": loop.ema.state_dict() if loop.ema is not None else None,
-        "generator": loop.gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
         "epoch": loop.epoch,
         "best_value": loop.best_value,
         "best_model": loop.best_model,
@@ -42,8 +41,8 @@ def restore_state(loop: LoopState, state: dict) -> None:
         loop.scheduler.load_state_dict(state["scheduler"])
     if loop.ema is not None and state.get("ema"):
         loop.ema.load_state_dict(state["ema"])
-    loop.gen.set_state(state["generator"].to(loop.gen.get_state().device))
-    torch.set_rng_state(state["torch_rng"])
+    # "generator" / "torch_rng" of checkpoints written before draws were seeded per epoch are
+    # ignored: a CUDA generator's state does not even fit a CPU generator.
     loop.epoch = state["epoch"]
     loop.best_value, loop.best_model = state["best_value"], state["best_model"]
     loop.history, loop.stale_epochs = list(state["history"]), state["stale_epochs"]

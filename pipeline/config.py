@@ -16,7 +16,8 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9")
 WEIGHTS = ("none", "imagenet")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "cuda:<K>")  # cuda:K = the K-th visible GPU (one per tune worker)
+CUDA_INDEXED = re.compile(r"^cuda:[0-9]+$")
 SCHEDULES = ("cosine", "onecycle", "plateau", "constant")
 AUGMENTS = ("none", "basic", "strong")
 MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
@@ -41,6 +42,11 @@ def opt(default, help: str):
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise PipelineError(f"{name}={value!r} is not supported; use one of: {', '.join(allowed)}")
+
+
+def _device(name: str, value: str) -> None:
+    if not (isinstance(value, str) and CUDA_INDEXED.match(value)):
+        _choice(name, value, DEVICES[:-1] + ("cuda:0", "cuda:1", "..."))
 
 
 def _fraction(name: str, value: float) -> None:
@@ -123,8 +129,9 @@ class TrainConfig:
     ema: float = opt(0.0, "weight EMA decay per step (0 = off), e.g. 0.999")
     tta: bool = opt(False, "flip test-time augmentation at validation/evaluation")
     precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
-    device: str = opt("auto", "auto | cpu | cuda")
-    compile: bool = opt(False, "torch.compile the model (pays off on GPUs for long runs)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:K (the K-th visible GPU, e.g. one per tune worker)")
+    compile: bool = opt(False, "torch.compile the model (pays off on GPUs for long runs); drops each epoch's short last batch")
+    checkpoint_every: float = opt(30.0, "seconds between writes of the resumable checkpoint (always after the last epoch and on interruption); 0 = every epoch")
     system_metrics: bool = opt(True, "log CPU, memory, disk and network use (GPU too where pynvml is installed) as system/* metrics of the run; false = off")
     seed: int = opt(0, "seeds weights init, shuffling and augmentation")
     pretrained: str = opt("", "finetune only: run id, runs:/ or models:/ URI")
@@ -144,7 +151,7 @@ class TrainConfig:
         _choice("weights", self.weights, WEIGHTS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("precision", self.precision, PRECISIONS)
-        _choice("device", self.device, DEVICES)
+        _device("device", self.device)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("augment", self.augment, AUGMENTS)
         _choice("monitor", self.monitor, MONITORS)
@@ -158,6 +165,7 @@ class TrainConfig:
         _fraction("dropout", self.dropout)
         _fraction("ema", self.ema)
         _non_negative("warmup_epochs", self.warmup_epochs)
+        _non_negative("checkpoint_every", self.checkpoint_every)
         if self.patience < 0:
             raise PipelineError(f"patience={self.patience} must be >= 0 (0 = no early stopping)")
         if not 0 <= self.frozen_layers <= NUM_STAGES:
@@ -180,7 +188,7 @@ class EvaluateConfig:
     batch_size: int = opt(EVAL_BATCH, "images per inference batch")
     tta: bool = opt(False, "average predictions over the image and its horizontal flip")
     precision: str = opt("fp32", "fp32 (what the served model computes, so the metrics are its own) | bf16 | auto")
-    device: str = opt("auto", "auto | cpu | cuda")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:K (the K-th visible GPU)")
     on_bad_image: str = opt("skip", "image folders: skip (and count) or fail on unreadable files")
     max_image_pixels: int = opt(DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_HELP)
 
@@ -191,7 +199,7 @@ class EvaluateConfig:
             raise PipelineError("data is empty; pass a prepare_data run id, a dataset URI or an image folder")
         _choice("split", self.split, SPLITS)
         _choice("precision", self.precision, PRECISIONS)
-        _choice("device", self.device, DEVICES)
+        _device("device", self.device)
         _choice("on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
         _pixel_limit(self.max_image_pixels)
         if self.batch_size < 1:
@@ -229,7 +237,7 @@ class TuneConfig:
     frozen_max: int = opt(NUM_STAGES, f"most frozen stages tried ({NUM_STAGES} = head only)")
     augment: str = opt("basic", "none | basic (random crop, padding 1/8 of the side, + flip) | strong (+ rotation and scale)")
     precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
-    device: str = opt("auto", "auto | cpu | cuda")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:K (the K-th visible GPU)")
     register_as: str = opt("", "registered model name for the best trial's model (alias `champion`); empty = do not register")
     system_metrics: bool = opt(True, "every trial run logs CPU/memory (and GPU with pynvml) as system/* metrics; false = off")
     heartbeat: int = opt(60, "seconds between a worker's heartbeats on database storages; a trial silent for 3x as long (its worker died) is marked FAIL and retried from its last checkpoint")
@@ -269,7 +277,7 @@ class TuneConfig:
             )
         _choice("augment", self.augment, AUGMENTS)
         _choice("precision", self.precision, PRECISIONS)
-        _choice("device", self.device, DEVICES)
+        _device("device", self.device)
         _plain_name("register_as", self.register_as)
         if not isinstance(self.heartbeat, int) or self.heartbeat < 1:
             raise PipelineError(f"heartbeat={self.heartbeat} must be a whole number of seconds >= 1")

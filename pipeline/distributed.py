@@ -152,14 +152,14 @@ def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-def count_epoch(n: int, batch_size: int, size: int) -> tuple[int, int]:
+def count_epoch(n: int, batch_size: int, size: int, drop_last: bool = False) -> tuple[int, int]:
     """(optimizer steps, images trained on) of one epoch over n images in global batches.
 
     Every rank must take part in every step, so a last global batch with fewer images than
-    processes is left out of the epoch (one process: the last batch is always kept).
+    processes is left out of the epoch (one process: the last batch is kept unless drop_last).
     """
     steps, rest = divmod(n, batch_size)
-    if rest >= size:
+    if rest >= size and not drop_last:
         return steps + 1, n
     return steps, n - rest
 

@@ -26,8 +26,11 @@ class EvaluationReport:
 
 
 def score_net(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, device: torch.device,
-              precision: str, tta=False, batch_size=EVAL_BATCH) -> EvaluationReport:
-    """evaluate_images with the network moved to `device` (channels_last) under `precision`'s autocast."""
+              precision: str = "fp32", tta=False, batch_size=EVAL_BATCH) -> EvaluationReport:
+    """evaluate_images with the network moved to `device` (channels_last) under `precision`'s autocast.
+
+    fp32 unless asked otherwise: the served pyfunc predicts in fp32, so registered test metrics
+    scored so are those of the model users get (bf16 autocast changes predictions near a tie)."""
     net.to(device, memory_format=torch.channels_last)
     amp_dtype = resolve_amp_dtype(precision, device)
     return evaluate_images(net, images, labels, class_names, prefix, amp_dtype, tta, batch_size)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pipeline.data.loader import normalize
+from pipeline.data.loader import prepare_input
 from pipeline.errors import PipelineError
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -152,7 +152,4 @@ class ImageClassifier(nn.Module):
         self.image_size = image_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images.to(torch.uint8))
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
-        return self.net(x.contiguous(memory_format=torch.channels_last))
+        return self.net(prepare_input(images, self.image_size))

@@ -19,7 +19,10 @@ from pipeline.models import ImageClassifier, build_logged_net
 
 WEIGHTS_ARTIFACT = "weights"
 META_ARTIFACT = "meta"
-PREDICT_BATCH = 256  # images per forward pass: bounds memory for large requests
+PREDICT_BATCH = 256  # images per forward pass at most
+# Input pixels (height x width, summed over the batch) per forward pass: bounds the float copy the
+# resize makes (12 bytes per pixel) whatever the images' size; 16M pixels = 192 MB.
+PREDICT_PIXELS = 16 * 2**20
 PROB_PREFIX = "prob_"
 
 
@@ -60,6 +63,11 @@ def read_images(paths: list[str], size: int = 0) -> np.ndarray:
     return np.stack(batch)
 
 
+def predict_batch_rows(height: int, width: int) -> int:
+    """Images per forward pass for images of height x width: PREDICT_PIXELS' worth, 1 to PREDICT_BATCH."""
+    return max(1, min(PREDICT_BATCH, PREDICT_PIXELS // max(1, height * width)))
+
+
 def request_json(images: np.ndarray) -> str:
     """The body `mlflow models serve` expects for a tensor input: {"inputs": [...]}."""
     return json.dumps({"inputs": images.tolist()}, separators=(",", ":"))
@@ -88,10 +96,12 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         images = as_image_batch(model_input)
+        rows = predict_batch_rows(*images.shape[1:3])
         chunks = []
         with torch.inference_mode():
-            for start in range(0, len(images), PREDICT_BATCH):
-                batch = torch.from_numpy(images[start:start + PREDICT_BATCH]).to(self.device)
+            for start in range(0, len(images), rows):
+                # uint8 to the device; ImageClassifier resizes each batch before normalizing it.
+                batch = torch.from_numpy(images[start:start + rows]).to(self.device)
                 chunks.append(torch.softmax(self.classifier(batch).float(), 1).cpu().numpy())
         probs = np.concatenate(chunks) if chunks else np.zeros((0, len(self.meta["class_names"])), np.float32)
         return predictions_frame(probs, self.meta["class_names"])

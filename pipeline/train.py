@@ -8,6 +8,7 @@ importing either.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -25,6 +26,7 @@ from pipeline.checkpoint import checkpoint_state, restore_state, save_atomic
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import iter_train_batches
+from pipeline.ema import WeightEMA
 from pipeline.device import autocast, predict_logits, resolve_amp_dtype, resolve_device
 from pipeline.distributed import (
     SINGLE,
@@ -75,6 +77,9 @@ class Setup:
     model: nn.Module  # what a training step calls: the net, under DDP and torch.compile where asked
     steps_per_epoch: int
     epoch_images: int  # images trained on per epoch, over all processes
+    shuffle_gen: torch.Generator  # on the CPU: the epoch's order, alike on every rank and GPU model
+    aug_gen: torch.Generator  # on the device: the augmentation draws of this rank
+    drop_last: bool = False  # compiling: every batch the same shape, so torch.compile never recompiles
 
 
 @dataclass
@@ -85,15 +90,14 @@ class LoopState:
     net: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None
-    ema: torch.optim.swa_utils.AveragedModel | None
-    gen: torch.Generator  # the shuffle order (one process: the augmentation draws too)
-    aug_gen: torch.Generator  # the augmentation draws; several processes: one stream per rank
+    ema: WeightEMA | None
     epoch: int = 0  # the last finished epoch
     best_value: float | None = None
     best_epoch: int = 0
     best_model: dict | None = None  # the scored weights of best_epoch, on the CPU
     history: list[dict[str, float]] = field(default_factory=list)
     stale_epochs: int = 0  # epochs since the monitored metric last improved
+    # No generator state: every epoch's draws are seeded from (seed, epoch[, rank]) (_seed_epoch).
 
     @property
     def scored(self) -> nn.Module:
@@ -116,7 +120,9 @@ def fit(
 
     on_epoch(epoch, metrics) is called after each epoch (epochs count from 1); it may raise to
     stop training (Optuna pruning does). With checkpoint_path, a resumable checkpoint is written
-    atomically after every epoch; resume_state (a loaded checkpoint) continues from it.
+    atomically at most every cfg.checkpoint_every seconds (0: after every epoch), always after the
+    last epoch, and on KeyboardInterrupt (Ctrl-C, SIGTERM) the last finished epoch's before re-raising;
+    resume_state (a loaded checkpoint) continues from it.
 
     With world.size > 1 (torchrun, process group joined) every rank calls fit() on the same data:
     cfg.batch_size stays the global batch, each rank trains on its shard of every global batch
@@ -126,7 +132,22 @@ def fit(
     setup, state = set_up(net, train, val, cfg, world)
     if resume_state is not None:
         restore_state(state, resume_state)
-    stopped_early = False
+    checkpoints = CheckpointSchedule(checkpoint_path, cfg.checkpoint_every)
+    try:
+        stopped_early = run_epochs(setup, state, num_classes, on_epoch, checkpoints)
+    except KeyboardInterrupt:
+        checkpoints.write_pending()
+        raise
+    net.load_state_dict(state.best_model)
+    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    best_metrics = {k: v for k, v in best.items() if k not in ("epoch", "is_best")}
+    return FitResult(state.best_epoch, best_metrics, state.history, stopped_early)
+
+
+def run_epochs(setup: Setup, state: LoopState, num_classes: int, on_epoch: EpochCallback | None,
+               checkpoints: CheckpointSchedule) -> bool:
+    """The epochs after state.epoch up to cfg.epochs; True when early stopping ended them."""
+    cfg, world = setup.cfg, setup.world
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         trained = train_one_epoch(setup, state, epoch)
         broadcast_buffers(state.scored, world)
@@ -140,17 +161,46 @@ def fit(
         if state.scheduler is not None and cfg.schedule == "plateau":
             state.scheduler.step(metrics[cfg.monitor])
         keep_the_best(state, epoch, metrics, cfg.monitor)
-        if checkpoint_path:
-            save_atomic(checkpoint_state(state), checkpoint_path)
+        stopping = bool(cfg.patience and state.stale_epochs >= cfg.patience)
+        checkpoints.after_epoch(state, final=stopping or epoch == cfg.epochs)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if cfg.patience and state.stale_epochs >= cfg.patience:
-            stopped_early = True
-            break
-    net.load_state_dict(state.best_model)
-    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
-    best_metrics = {k: v for k, v in best.items() if k not in ("epoch", "is_best")}
-    return FitResult(state.best_epoch, best_metrics, state.history, stopped_early)
+        if stopping:
+            return True
+    return False
+
+
+class CheckpointSchedule:
+    """Writes the resumable checkpoint by time: a full one (model, momentum, EMA and best weights,
+    about 4x the model, fsynced) after every epoch is a large share of a seconds-long GPU epoch.
+
+    Between writes the last finished epoch's state is kept as an in-memory copy on the device (a
+    device-to-device copy), which write_pending() puts on disk when training is interrupted.
+    """
+
+    def __init__(self, path: str | None, every_s: float, clock: Callable[[], float] = time.monotonic):
+        self.path, self.every_s, self.clock = path, every_s, clock
+        self.last_write = clock()
+        self.pending: dict | None = None
+
+    def after_epoch(self, state: LoopState, final: bool) -> None:
+        if not self.path:
+            return
+        if final or self.every_s <= 0 or self.clock() - self.last_write >= self.every_s:
+            self.pending = None
+            self._write(checkpoint_state(state))
+        else:  # the live tensors change in the next step: keep a copy of this epoch's
+            self.pending = copy.deepcopy(checkpoint_state(state))
+
+    def write_pending(self) -> None:
+        """Put the last finished epoch's state on disk, if it is not there yet."""
+        if self.path and self.pending is not None:
+            self._write(self.pending)
+            self.pending = None
+
+    def _write(self, ckpt: dict) -> None:
+        save_atomic(ckpt, self.path)
+        self.last_write = self.clock()
 
 
 def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, world: World) -> tuple[Setup, LoopState]:
@@ -163,7 +213,9 @@ def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, wor
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     net.to(device, memory_format=torch.channels_last)
-    steps_per_epoch, epoch_images = count_epoch(len(train), cfg.batch_size, world.size)
+    # Compiling: a short last batch would be a new shape, hence a recompile, every epoch; leave it out.
+    drop_last = cfg.compile and len(train) >= cfg.batch_size
+    steps_per_epoch, epoch_images = count_epoch(len(train), cfg.batch_size, world.size, drop_last)
     if steps_per_epoch == 0:
         raise mark_raised_on_every_rank(PipelineError(
             f"the training split has {len(train)} image(s); training on {world.size} process(es) "
@@ -173,11 +225,10 @@ def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, wor
     scheduler = _make_scheduler(optimizer, cfg, steps_per_epoch)
     ema = _make_ema(net, cfg.ema)
     model = _wrap_for_steps(net, device, world, cfg.compile)
-    gen, aug_gen = _make_generators(device, cfg.seed, world)
     tensors = [torch.from_numpy(a).to(device) for a in (train.images, train.labels, val.images, val.labels)]
     setup = Setup(cfg, world, device, resolve_amp_dtype(cfg.precision, device), *tensors, model,
-                  steps_per_epoch, epoch_images)
-    return setup, LoopState(net, optimizer, scheduler, ema, gen, aug_gen)
+                  steps_per_epoch, epoch_images, torch.Generator(), torch.Generator(device=device), drop_last)
+    return setup, LoopState(net, optimizer, scheduler, ema)
 
 
 def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -206,11 +257,8 @@ def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     return None
 
 
-def _make_ema(net: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
-    if decay <= 0:
-        return None
-    multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
-    return torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=multi_avg_fn, use_buffers=True)
+def _make_ema(net: nn.Module, decay: float) -> WeightEMA | None:
+    return WeightEMA(net, decay) if decay > 0 else None
 
 
 def _wrap_for_steps(net: nn.Module, device: torch.device, world: World, compile: bool) -> nn.Module:
@@ -227,13 +275,6 @@ def _wrap_for_steps(net: nn.Module, device: torch.device, world: World, compile:
     return torch.compile(model) if compile else model
 
 
-def _make_generators(device: torch.device, seed: int, world: World) -> tuple[torch.Generator, torch.Generator]:
-    """(shuffle generator, augmentation generator): one and the same in one process."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen, torch.Generator(device=device) if world.size > 1 else gen
-
-
 def train_one_epoch(setup: Setup, state: LoopState, epoch: int) -> dict[str, float]:
     """One pass over the training split: train_loss, train_accuracy (all processes' images), images_per_sec."""
     cfg, world, device = setup.cfg, setup.world, setup.device
@@ -241,9 +282,9 @@ def train_one_epoch(setup: Setup, state: LoopState, epoch: int) -> dict[str, flo
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     t0 = time.perf_counter()
-    _seed_epoch(state, cfg.seed, epoch, world)
-    batches = iter_train_batches(setup.train_x, setup.train_y, cfg.batch_size, cfg.augment, state.gen,
-                                 state.aug_gen, (world.rank, world.size))
+    _seed_epoch(setup, cfg.seed, epoch, world)
+    batches = iter_train_batches(setup.train_x, setup.train_y, cfg.batch_size, cfg.augment, setup.shuffle_gen,
+                                 setup.aug_gen, (world.rank, world.size), setup.drop_last)
     bar = tqdm(batches, total=setup.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                disable=not (sys.stderr.isatty() and world.is_main))
     for step, (x, y) in enumerate(bar, 1):
@@ -263,15 +304,14 @@ def train_one_epoch(setup: Setup, state: LoopState, epoch: int) -> dict[str, flo
             "images_per_sec": setup.epoch_images / train_time}
 
 
-def _seed_epoch(state: LoopState, seed: int, epoch: int, world: World) -> None:
-    """Several processes: the same permutation on every rank (each then takes its shard of every
-    global batch), per-rank augmentation and dropout draws. Seeded per epoch, so resuming draws the
-    same. One process: its one generator runs on across epochs (and is saved in the checkpoint)."""
-    if world.size == 1:
-        return
-    state.gen.manual_seed(derive_seed(seed, epoch))
-    state.aug_gen.manual_seed(derive_seed(seed, epoch, world.rank))
-    torch.manual_seed(derive_seed(seed, epoch, world.rank))
+def _seed_epoch(setup: Setup, seed: int, epoch: int, world: World) -> None:
+    """Every epoch's draws are a function of (seed, epoch[, rank]), for one process (rank 0 of 1)
+    and for several alike: the same permutation on every rank (each then takes its shard of every
+    global batch), per-rank augmentation and dropout draws. So a checkpoint needs no generator
+    state, and one written on a GPU resumes on a CPU (their generator states differ in size)."""
+    setup.shuffle_gen.manual_seed(derive_seed(seed, epoch))
+    setup.aug_gen.manual_seed(derive_seed(seed, epoch, world.rank))
+    torch.manual_seed(derive_seed(seed, epoch, world.rank))  # dropout, on every device
 
 
 def _train_step(setup: Setup, state: LoopState, x: torch.Tensor, y: torch.Tensor, epoch: int,

@@ -78,11 +78,10 @@ def main(out: str) -> None:
         else:
             raise AssertionError("failing_together did not raise")
 
-        # fit() on two ranks = fit() in one process, for a network without BatchNorm: same first
-        # permutation (the one-process generator's), global batch 16 = 8 per rank, uneven last batch.
+        # fit() on two ranks = fit() in one process, for a network without BatchNorm: the same
+        # permutation (both seeded from (seed, epoch)), global batch 16 = 8 per rank, uneven last batch.
         cfg = TrainConfig(data="d", arch="resnet9", epochs=1, batch_size=BATCH, lr=0.05, schedule="constant",
                           augment="none", precision="fp32", device="cpu", seed=0)
-        train.derive_seed = lambda seed, *epoch_and_rank: seed  # the one-process generator's stream
         trained, val = images(N_TRAIN, 0), images(N_VAL, 1)
         ddp_net = net_without_batchnorm()
         ddp = train.fit(ddp_net, trained, val, cfg, CLASSES, world=world)
