@@ -24,6 +24,8 @@ from pipeline import tracking
 from pipeline.config import NUM_STAGES, CompareConfig
 from pipeline.references import get_run
 from pipeline.errors import PipelineError
+from pipeline.evaluation_logging import load_class_keys
+from pipeline.keys import HASH_CHARS
 from pipeline.plots import pyplot
 
 TRAIN_STEPS = ("pretrain", "finetune")
@@ -37,7 +39,8 @@ DEFAULT_SORT = ("test_f1_macro", "best_val_f1_macro")  # the first one some row 
 SUMMARY = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "precision_weighted",
            "recall_weighted", "average_precision_macro")
 AVERAGES = ("macro", "weighted")
-PER_CLASS = re.compile(r"^(train|val|test)_(f1|precision|recall|average_precision)_(.+)$")
+PER_CLASS = re.compile(r"^(train|val|test)_(f1|precision|recall|average_precision)_(.+)$", re.S)
+HASHED_KEY = re.compile(rf"-[0-9a-f]{{{HASH_CHARS}}}$")  # pipeline.keys' form for a name MLflow would refuse
 MAX_PLOTTED_RUNS = 10  # bars per class beyond this are unreadable
 
 
@@ -136,6 +139,23 @@ def _metric_order(name: str):
     return (0, SUMMARY.index(suffix) if suffix in SUMMARY else len(SUMMARY), _natural(name))
 
 
+def _with_class_names(evaluation: Run) -> dict[str, float]:
+    """The evaluate run's metrics, per-class ones named by their class (`test_f1_bird (small)`) where
+    its key differs (`test_f1_bird _small_-<hash>`, see pipeline.keys), as evaluation/class_keys.json says."""
+    metrics = evaluation.data.metrics
+    if not any(HASHED_KEY.search(k) for k in metrics):  # every key is its class name: nothing to read
+        return metrics
+    names = load_class_keys(evaluation.info.run_id)
+    renamed = {}
+    for metric, value in metrics.items():
+        m = PER_CLASS.match(metric)
+        name = names.get(m.group(3)) if m else None
+        column = f"{m.group(1)}_{m.group(2)}_{name}" if name else metric
+        # A class named `macro` keeps its key: its name would read as the macro average.
+        renamed[metric if name in AVERAGES or column in metrics else column] = value
+    return renamed
+
+
 def _row(train: Run | None, evaluation: Run | None, model_run_id: str = "") -> dict:
     params = train.data.params if train else {}
     row = {
@@ -148,7 +168,7 @@ def _row(train: Run | None, evaluation: Run | None, model_run_id: str = "") -> d
     if train:
         row["arch"] = tracking.arch_of(train)  # arch=auto resolved
     if evaluation:
-        row.update({k: v for k, v in evaluation.data.metrics.items() if _shown(k)})
+        row.update({k: v for k, v in _with_class_names(evaluation).items() if _shown(k)})
     if train:
         row.update({k: v for k, v in train.data.metrics.items() if k.startswith("best_")})
     return row

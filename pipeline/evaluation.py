@@ -8,10 +8,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.keys import class_keys
 from pipeline.metrics import average_precision, confusion, per_class_table, report_text, summary_metrics
 from pipeline.device import EVAL_BATCH, predict_logits, resolve_amp_dtype
 
 MAX_PER_CLASS_METRICS = 20  # beyond this many classes, per-class numbers go to the CSV table only
+AVERAGES = ("macro", "weighted")  # `<prefix>_f1_macro` etc.: no class key may equal these
+
+
+def metric_keys(class_names: list[str]) -> dict[str, str]:
+    """{class name: the part of its per-class metric names}: the name itself where MLflow accepts it
+    (`test_f1_cat`, digits' `test_f1_7`), else a hashed key (pipeline.keys) that log_evaluation maps
+    back to the name in `evaluation/class_keys.json`."""
+    return class_keys(class_names, reserved=AVERAGES)
 
 
 @dataclass
@@ -49,10 +58,11 @@ def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: li
     table["average_precision"] = ap  # the CSV holds it for any number of classes
     metrics[f"{prefix}_average_precision_macro"] = float(np.nanmean(ap))  # over the classes present
     if len(class_names) <= MAX_PER_CLASS_METRICS:
+        keys = metric_keys(class_names)
         for row in table.itertuples():
             for m in ("precision", "recall", "f1"):
-                metrics[f"{prefix}_{m}_{row[1]}"] = float(getattr(row, m))
-        metrics.update({f"{prefix}_average_precision_{name}": float(v)
+                metrics[f"{prefix}_{m}_{keys[row[1]]}"] = float(getattr(row, m))
+        metrics.update({f"{prefix}_average_precision_{keys[name]}": float(v)
                         for name, v in zip(class_names, ap) if not np.isnan(v)})
     cm = confusion(labels, pred, len(class_names))
     return EvaluationReport(metrics, table, report_text(labels, pred, class_names), cm, probs, labels, ap)

@@ -6,12 +6,14 @@ finetune/pretrain (`register_as`) and tune (`register_as`, best trial) both regi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from pipeline.evaluation_logging import log_evaluation
+from pipeline.evaluation_logging import load_class_keys, log_evaluation
 from pipeline.references import load_dataset_ref, load_model_ref
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
@@ -19,6 +21,7 @@ from pipeline.models import build_logged_net
 from pipeline.device import resolve_device
 
 CHAMPION = "champion"
+MAX_LISTED_CLASSES = 50  # a description lists this many class names, then a count
 TEST_METRICS = ("test_accuracy", "test_f1_macro", "test_precision_macro", "test_recall_macro")
 
 
@@ -38,8 +41,9 @@ def evaluate_run_on_test(run_id: str, data: str, device: str = "auto", precision
     return report, test.images, meta["class_names"]
 
 
-def describe_run(run_id: str, metrics: dict[str, float], test_images: int) -> str:
-    """Markdown for the version's description: what was trained, on what, from what, and how well."""
+def describe_run(run_id: str, metrics: dict[str, float], test_images: int, class_names: Sequence[str] = ()) -> str:
+    """Markdown for the version's description: what was trained, on what, from what, how well, and
+    (given) which classes, by their names as the data had them."""
     run = mlflow.get_run(run_id)
     params, tags = run.data.params, run.data.tags
     step = tags.get(tracking.TAG_STEP, "training")
@@ -53,7 +57,14 @@ def describe_run(run_id: str, metrics: dict[str, float], test_images: int) -> st
         f"- data: `{tags.get('pipeline.upstream.data', '?')}`",
         f"- pretrained from: `{pretrained}`",
         f"- test split ({test_images} images): {scores}",
+        *([f"- classes ({len(class_names)}): {_listed(class_names)}"] if class_names else []),
     ])
+
+
+def _listed(class_names: Sequence[str]) -> str:
+    """Each name in backticks (Markdown shows `a, b` in a name as it is); the first MAX_LISTED_CLASSES."""
+    shown = ", ".join(f"`` {name} ``" for name in class_names[:MAX_LISTED_CLASSES])
+    return shown + (f" and {len(class_names) - MAX_LISTED_CLASSES} more" if len(class_names) > MAX_LISTED_CLASSES else "")
 
 
 def _model_source(client: MlflowClient, run_id: str) -> str:
@@ -107,10 +118,11 @@ def promote(name: str, version: str) -> str:
     return f"models:/{name}@{CHAMPION} now points to version {version}"
 
 
-def register_scored_run(run_id: str, name: str, metrics: dict[str, float], test_images: int) -> str:
+def register_scored_run(run_id: str, name: str, metrics: dict[str, float], test_images: int,
+                        class_names: Sequence[str] = ()) -> str:
     """Register the run's model with its test metrics (description and version tags) and promote it
     to `champion` on a better test macro-F1."""
-    version = register_run_model(run_id, name, describe_run(run_id, metrics, test_images),
+    version = register_run_model(run_id, name, describe_run(run_id, metrics, test_images, class_names),
                                  {k: f"{metrics[k]:.6g}" for k in TEST_METRICS if k in metrics})
     reason = champion_holds(name, "test_f1_macro", metrics["test_f1_macro"]) or promote(name, version)
     print(f"registered {name} version {version}; {reason}")
@@ -121,7 +133,7 @@ def register_trained_run(run_id: str, name: str, report, test_images, class_name
     """finetune/pretrain `register_as`: log the test-split report to the run (the active one), then
     register the run's model with those metrics."""
     log_evaluation(report, class_names, "test", test_images)
-    return register_scored_run(run_id, name, report.metrics, len(test_images))
+    return register_scored_run(run_id, name, report.metrics, len(test_images), class_names)
 
 
 def register_evaluated(train_run_id: str, evaluate_run_id: str, name: str, test_images: int) -> str:
@@ -130,4 +142,4 @@ def register_evaluated(train_run_id: str, evaluate_run_id: str, name: str, test_
     metrics = {k: logged[k] for k in TEST_METRICS if k in logged}
     if "test_f1_macro" not in metrics:
         raise PipelineError(f"evaluate run {evaluate_run_id} has no test metrics; register a model evaluated on the test split")
-    return register_scored_run(train_run_id, name, metrics, test_images)
+    return register_scored_run(train_run_id, name, metrics, test_images, list(load_class_keys(evaluate_run_id).values()))

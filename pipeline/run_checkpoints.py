@@ -80,5 +80,10 @@ class CheckpointUploads:
             self._last = time.monotonic()
 
     def on_interrupt(self) -> None:
-        if self.enabled and self.path and os.path.exists(self.path):
+        if self.enabled:
+            self.upload_now()
+
+    def upload_now(self) -> None:
+        """Upload the checkpoint now, if fit() wrote one (only rank 0 has a path)."""
+        if self.path and os.path.exists(self.path):
             log_checkpoint(self.path)

@@ -21,7 +21,7 @@ import torch
 from pipeline import distributed, preflight, registry, tracking
 from pipeline.config import NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig
 from pipeline.data.prepare import prepare_dataset
-from pipeline.data.sources import read_image_tree
+from pipeline.data.sources import choose_split, decode_tree, scan_image_tree
 from pipeline.data.imageset import DatasetSplits
 from pipeline.data.store import save_dataset
 from pipeline.errors import PipelineError
@@ -30,7 +30,8 @@ from pipeline.evaluation_logging import log_evaluation
 from pipeline.precision import resolve_cpu_amp_dtype
 from pipeline.models import ImageClassifier, build_logged_net, count_trainable, create_model, freeze, replace_head
 from pipeline.references import load_dataset_ref, load_model_ref, run_name_of
-from pipeline.run_checkpoints import CHECKPOINT_UPLOAD_S, LAST_CHECKPOINT, CheckpointUploads, load_resume_point
+from pipeline.run_checkpoints import (CHECKPOINT_UPLOAD_S, LAST_CHECKPOINT, CheckpointUploads, delete_checkpoints,
+                                      load_resume_point)
 from pipeline.device import resolve_device
 from pipeline.train import FitResult, fit, seed_everything
 
@@ -125,7 +126,9 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
         if not main:
             return None
         log_training_outputs(inputs, step, result, run.info.run_id, device)
-        return run.info.run_id
+    if not inputs.cfg.keep_checkpoint:  # the run ended FINISHED: nothing will resume it
+        delete_checkpoints(run.info.run_id)
+    return run.info.run_id
 
 
 def _resume_point(cfg: TrainConfig, step: str, tags: dict | None, start_from: str):
@@ -263,6 +266,8 @@ def _fit_uploading_checkpoints(inputs: TrainingInputs, step: str, resume_state: 
             raise preflight.TrackingLost(message) from exc
         _remove_local_checkpoint(ckpt)
         raise
+    if cfg.keep_checkpoint:  # asked for: the final epoch's, whatever the upload interval
+        uploads.upload_now()
     _remove_local_checkpoint(ckpt)
     return result
 
@@ -301,19 +306,10 @@ def _no_run(*args, **kwargs):
 
 def _evaluation_images(cfg: EvaluateConfig, meta: dict):
     """(images, labels, data_uri, manifest or None, skipped files) from a dataset reference or an image
-    folder/archive."""
+    folder/archive. Class names and splits are checked before any image is decoded."""
     is_user_images = os.path.exists(cfg.data) and not os.path.isfile(os.path.join(cfg.data, "manifest.json"))
     if is_user_images:
-        src = read_image_tree(cfg.data, meta["image_size"], cfg.on_bad_image)
-        unknown = [c for c in src.class_names if c not in meta["class_names"]]
-        if unknown:
-            raise PipelineError(
-                f"{cfg.data!r} has class folders the model does not know: {', '.join(unknown)}; "
-                f"the model's classes are {', '.join(meta['class_names'])}"
-            )
-        split = src.splits.get(cfg.split) or src.splits["train"]  # a plain folder is all one split
-        remap = np.array([meta["class_names"].index(c) for c in src.class_names], np.int64)
-        return split.images, remap[split.labels], os.path.abspath(cfg.data), None, src.skipped_files
+        return _user_images(cfg, meta)
     ds, manifest, uri = load_dataset_ref(cfg.data, (cfg.split,))
     if ds.class_names != meta["class_names"]:
         raise PipelineError(
@@ -322,6 +318,23 @@ def _evaluation_images(cfg: EvaluateConfig, meta: dict):
         )
     s = ds.splits[cfg.split]
     return s.images, s.labels, uri, manifest, []
+
+
+def _user_images(cfg: EvaluateConfig, meta: dict):
+    """An image folder/archive in any accepted layout: the split named `split` when the tree has it,
+    else its only split (a plain `<class>/<img>` folder, or `test/<class>/<img>` alone)."""
+    tree = scan_image_tree(cfg.data)
+    unknown = [c for c in tree.class_names if c not in meta["class_names"]]
+    if unknown:
+        raise PipelineError(
+            f"{cfg.data!r} has class folders the model does not know: {', '.join(unknown)}; "
+            f"the model's classes are {', '.join(meta['class_names'])}"
+        )
+    split = choose_split(tree, cfg.split)
+    src = decode_tree(tree, meta["image_size"], cfg.on_bad_image, cfg.max_image_pixels, splits=(split,))
+    images = src.splits[split]
+    remap = np.array([meta["class_names"].index(c) for c in src.class_names], np.int64)
+    return images.images, remap[images.labels], os.path.abspath(cfg.data), None, src.skipped_files
 
 
 def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = None) -> str:

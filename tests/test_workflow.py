@@ -1,5 +1,7 @@
 """What the four step runs leave in MLflow (the session fixture `trained` made them)."""
 
+import tarfile
+
 import mlflow
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from pipeline import references
+from pipeline import references, runners
 from pipeline.config import EvaluateConfig, TrainConfig
 from pipeline.data.store import load_dataset
 from pipeline.errors import PipelineError
@@ -107,7 +109,61 @@ def test_evaluate_scores_a_users_image_folder(trained, tmp_path, experiment):
     assert m["test_accuracy"] == pytest.approx(accuracy_score([str(c) for c in test.labels[:40]], pred))
     assert m["skipped_files"] == 1
     skipped = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/skipped_files.txt")
-    assert skipped.strip().endswith("notes.txt")
+    assert skipped == f"{folder.name}/notes.txt: not an image format PIL can read\n"  # file and reason
+
+
+def _write_pngs(root, images, labels, class_names):
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / class_names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+
+
+def _model_accuracy(model_run, images, labels, class_names):
+    pred = mlflow.pyfunc.load_model(f"runs:/{model_run}/model").predict(images)["class_name"]
+    return accuracy_score([class_names[c] for c in labels], pred)
+
+
+def test_evaluate_scores_an_archive_holding_only_a_test_split(trained, tmp_path, experiment):
+    # The layout of the public CIFAR-10 image dumps: <wrapper>/test/<class>/<img>, no train/.
+    ds, _ = load_dataset(mlflow.artifacts.download_artifacts(f"runs:/{trained.prepare}/dataset"), ("test",))
+    test, names = ds.splits["test"], ds.class_names
+    _write_pngs(tmp_path / "dump" / "test", test.images[:30], test.labels[:30], names)
+    archive = tmp_path / "held-out.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "dump", arcname="cifar-like")
+    run_id = run_evaluate(EvaluateConfig(model=trained.finetune, data=str(archive), device="cpu", precision="fp32"))
+    m = mlflow.get_run(run_id).data.metrics
+    assert m["test_accuracy"] == pytest.approx(_model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names))
+    assert m["skipped_files"] == 0
+
+
+def test_evaluate_scores_the_test_split_of_a_tree_with_train_and_test(trained, tmp_path, experiment):
+    ds, _ = load_dataset(mlflow.artifacts.download_artifacts(f"runs:/{trained.prepare}/dataset"), ("test",))
+    test, names = ds.splits["test"], ds.class_names
+    _write_pngs(tmp_path / "tree" / "test", test.images[:30], test.labels[:30], names)
+    (tmp_path / "tree" / "train" / "0").mkdir(parents=True)
+    (tmp_path / "tree" / "train" / "0" / "broken.png").write_bytes(b"\x89PNG not really")  # never decoded
+    run_id = run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "tree"), device="cpu",
+                                         precision="fp32", on_bad_image="fail"))
+    m = mlflow.get_run(run_id).data.metrics
+    assert m["test_accuracy"] == pytest.approx(_model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names))
+    assert m["skipped_files"] == 0
+
+
+def test_evaluate_names_the_splits_a_tree_has_when_the_one_asked_is_missing(trained, tmp_path, experiment, monkeypatch):
+    for split in ("train", "val"):
+        (tmp_path / "tree" / split / "3").mkdir(parents=True)
+        (tmp_path / "tree" / split / "3" / "a.png").write_bytes(b"not decoded: refused before")
+    decoded = []
+    monkeypatch.setattr(runners, "decode_tree", lambda *a, **k: decoded.append(a))
+    with pytest.raises(PipelineError, match=r"has no test/ split; it has train/, val/: set split to one of train, val"):
+        run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "tree"), device="cpu"))
+    assert decoded == []
+    (tmp_path / "tree" / "val" / "cat").mkdir()
+    with pytest.raises(PipelineError, match="class folders the model does not know: cat"):
+        run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "tree"), split="val", device="cpu"))
+    assert decoded == []
 
 
 def _last_run_status(experiment_id):
