@@ -121,7 +121,7 @@ def fit(
     on_epoch(epoch, metrics) is called after each epoch (epochs count from 1); it may raise to
     stop training (Optuna pruning does). With checkpoint_path, a resumable checkpoint is written
     atomically at most every cfg.checkpoint_every seconds (0: after every epoch), always after the
-    last epoch, and on KeyboardInterrupt (Ctrl-C, SIGTERM) the last finished epoch's before re-raising;
+    last epoch, and when interrupted (Ctrl-C, SIGTERM) or stopped by on_epoch the last finished epoch's;
     resume_state (a loaded checkpoint) continues from it.
 
     With world.size > 1 (torchrun, process group joined) every rank calls fit() on the same data:
@@ -135,8 +135,11 @@ def fit(
     checkpoints = CheckpointSchedule(checkpoint_path, cfg.checkpoint_every)
     try:
         stopped_early = run_epochs(setup, state, num_classes, on_epoch, checkpoints)
-    except KeyboardInterrupt:
-        checkpoints.write_pending()
+    except BaseException as exc:
+        # Interrupted (Ctrl-C, SIGTERM) or stopped from on_epoch (a tracking server lost mid-run): the last
+        # finished epoch goes on disk for resume. Not for our own errors (a diverged loss is not worth resuming).
+        if not isinstance(exc, PipelineError):
+            checkpoints.write_pending()
         raise
     net.load_state_dict(state.best_model)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
