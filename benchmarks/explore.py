@@ -75,8 +75,18 @@ def main(argv=None) -> None:
             results[name].append(step_throughput(args.arch, args.stem, threads, cl, bf16, bs, args.warmup, args.steps))
     torch.set_num_threads(DEFAULT_THREADS)
     for name, vals in results.items():
-        print(json.dumps({"arch": args.arch, "stem": args.stem, "variant": name, "img_s": round(statistics.median(vals), 1),
-                          "rounds_img_s": [round(v, 1) for v in vals]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "arch": args.arch,
+                    "stem": args.stem,
+                    "variant": name,
+                    "img_s": round(statistics.median(vals), 1),
+                    "rounds_img_s": [round(v, 1) for v in vals],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

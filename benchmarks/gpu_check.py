@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.throughput import Case, build_net, compare
+from benchmarks.throughput import Case, compare
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.sources import read_image_tree

@@ -35,11 +35,13 @@ import optuna
 from pipeline.checkpoint import save_atomic
 from pipeline.config import PrepareConfig, TrainConfig
 from pipeline.data.prepare import prepare_dataset
-from pipeline.models import create_model
 from pipeline.device import resolve_device
+from pipeline.models import create_model
 from pipeline.train import VAL_KEYS, FitResult, fit, seed_everything
 
-TRAIN_CFG = dict(arch="resnet18", epochs=2, batch_size=64, lr=0.05, augment="none", precision="auto", device="cpu", seed=0)
+TRAIN_CFG = dict(
+    arch="resnet18", epochs=2, batch_size=64, lr=0.05, augment="none", precision="auto", device="cpu", seed=0
+)
 
 
 @contextlib.contextmanager
@@ -85,6 +87,7 @@ def probed_run_train(probe: Probe):
         bound = sig.bind(*args, **kwargs)
         callback = bound.arguments.get("on_epoch")
         if callback is not None:
+
             def timed_callback(epoch, metrics):
                 t = time.perf_counter()
                 callback(epoch, metrics)
@@ -117,8 +120,14 @@ def log_metrics_cost(async_: bool, calls: int = 20) -> float:
     """Seconds one epoch's tracking.log_metrics call takes in the training loop (median of `calls`)."""
     from pipeline import tracking
 
-    metrics = {"train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, **{k: 0.5 for k in VAL_KEYS},
-               "lr": 0.1, "images_per_sec": 100.0}
+    metrics = {
+        "train_loss": 1.0,
+        "train_accuracy": 0.5,
+        "val_loss": 1.0,
+        **{k: 0.5 for k in VAL_KEYS},
+        "lr": 0.1,
+        "images_per_sec": 100.0,
+    }
     times = []
     with async_logging(async_), mlflow.start_run(run_name=f"bench log_metrics {'async' if async_ else 'sync'}"):
         for step in range(calls):
@@ -147,7 +156,7 @@ def tracking_overhead(epochs: int = 2, device: str = "cpu") -> dict:
     return {
         "bench": "tracking_overhead",
         "training": f"{cfg.arch}, digits {ds.image_size}x{ds.image_size}, {len(ds.splits['train'])} train images, "
-                    f"{epochs} epochs, batch {cfg.batch_size}, device {resolve_device(device).type}",
+        f"{epochs} epochs, batch {cfg.batch_size}, device {resolve_device(device).type}",
         # Headline: share of the training's wall time that the epoch loop spends on tracking and
         # resumability (per-epoch metrics + checkpoint write + checkpoint upload), as shipped,
         # then split: metrics and other callback work vs the per-epoch checkpoint.
@@ -174,9 +183,17 @@ def _fake_fit(net, train, val, cfg, num_classes, on_epoch=None, checkpoint_path=
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     for epoch in range(1, cfg.epochs + 1):
         if checkpoint_path:
-            save_atomic({"model": net.state_dict(), "optimizer": state, "best_model": state, "epoch": epoch}, checkpoint_path)
-        metrics = {"train_loss": 1.0 / epoch, "train_accuracy": 0.5, "val_loss": 1.0 / epoch,
-                   **{k: 0.5 + 0.01 * epoch for k in VAL_KEYS}, "lr": cfg.lr, "images_per_sec": 0.0}
+            save_atomic(
+                {"model": net.state_dict(), "optimizer": state, "best_model": state, "epoch": epoch}, checkpoint_path
+            )
+        metrics = {
+            "train_loss": 1.0 / epoch,
+            "train_accuracy": 0.5,
+            "val_loss": 1.0 / epoch,
+            **{k: 0.5 + 0.01 * epoch for k in VAL_KEYS},
+            "lr": cfg.lr,
+            "images_per_sec": 0.0,
+        }
         history.append({"epoch": epoch, "is_best": True, **metrics})
         if on_epoch is not None:
             on_epoch(epoch, metrics)
@@ -197,8 +214,16 @@ def _product_tuning(n_trials: int, epochs: int, tmp: str) -> dict:
         prep = runners.run_prepare(PrepareConfig(source="digits", image_size=8, seed=0))
         pre = runners.run_train(TrainConfig(data=prep, **{**TRAIN_CFG, "epochs": 1}), "pretrain")
         cfg = TuneConfig(
-            data=prep, pretrained=pre, n_trials=n_trials, epochs=epochs, pruner="none", sampler="random",
-            storage=f"sqlite:///{tmp}/optuna.db", study_name="bench", precision="fp32", device="cpu",
+            data=prep,
+            pretrained=pre,
+            n_trials=n_trials,
+            epochs=epochs,
+            pruner="none",
+            sampler="random",
+            storage=f"sqlite:///{tmp}/optuna.db",
+            study_name="bench",
+            precision="fp32",
+            device="cpu",
         )
         t0 = time.perf_counter()
         tuning.run_study(cfg, log=lambda _msg: None)
@@ -212,15 +237,16 @@ def _product_tuning(n_trials: int, epochs: int, tmp: str) -> dict:
         "trials": len(durations),
         "study_fixed_s": round(wall - sum(durations), 2),  # open study, parent run, summary, plots, registry
         "method": "pipeline.tuning.run_study, fit() replaced by a no-training stand-in; each trial is a "
-                  "nested finetune run: load dataset + pretrained model, params, per-epoch metrics, model logging",
+        "nested finetune run: load dataset + pretrained model, params, per-epoch metrics, model logging",
     }
 
 
 def _bare_tuning(n_trials: int, epochs: int, tmp: str) -> dict:
     """A bare Optuna study whose objective is a nested MLflow run with params and metrics only."""
     storage = f"sqlite:///{tmp}/optuna-bare.db"
-    study = optuna.create_study(study_name="bare", storage=storage, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=0))
+    study = optuna.create_study(
+        study_name="bare", storage=storage, direction="maximize", sampler=optuna.samplers.TPESampler(seed=0)
+    )
     use_experiment("bench-tuning-bare")
 
     def objective(trial: optuna.Trial) -> float:
@@ -241,8 +267,12 @@ def _bare_tuning(n_trials: int, epochs: int, tmp: str) -> dict:
         t0 = time.perf_counter()
         study.optimize(objective, n_trials=n_trials)
         wall = time.perf_counter() - t0
-    return {"per_trial_s": round(wall / n_trials, 3), "trials": n_trials,
-            "method": "bare optuna (sqlite storage, TPE) + nested mlflow run per trial: params and per-epoch metrics, no model"}
+    return {
+        "per_trial_s": round(wall / n_trials, 3),
+        "trials": n_trials,
+        "method": "bare optuna (sqlite storage, TPE) + nested mlflow run per trial: params and per-epoch metrics, no "
+                  "model",
+    }
 
 
 def tuning_overhead(n_trials: int = 5, epochs: int = 3) -> dict:

@@ -85,7 +85,9 @@ def main(argv=None) -> None:
         "fit_s": round(probe.fit_s, 1),  # training + per-epoch validation + checkpoints
         "train_loop_s": round(train_loop_s, 1),  # the epochs' training passes alone
         "tracking_in_loop_s": round(probe.callback_s + probe.checkpoint_write_s, 2),
-        "tracking_in_loop_pct_of_fit": round(100 * (probe.callback_s + probe.checkpoint_write_s) / max(probe.fit_s, 1e-9), 1),
+        "tracking_in_loop_pct_of_fit": round(
+            100 * (probe.callback_s + probe.checkpoint_write_s) / max(probe.fit_s, 1e-9), 1
+        ),
         "checkpoint_write_s": round(probe.checkpoint_write_s, 2),
         "checkpoint_upload_s": round(probe.checkpoint_upload_s, 2),
         "best_epoch": run_metrics.get("best_epoch"),
@@ -99,9 +101,23 @@ def main(argv=None) -> None:
     path = os.path.join(args.out, "pretrain_resnet9.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    summary = {k: result[k] for k in ("prepare_s", "pretrain_step_s", "fit_s", "train_loop_s", "tracking_in_loop_pct_of_fit",
-                                      "best_epoch", "best_val_accuracy", "final_val_accuracy")}
-    print(json.dumps({"bench": "pretrain_resnet9", "device": result["system"]["device"], **summary, "written": path}), flush=True)
+    summary = {
+        k: result[k]
+        for k in (
+            "prepare_s",
+            "pretrain_step_s",
+            "fit_s",
+            "train_loop_s",
+            "tracking_in_loop_pct_of_fit",
+            "best_epoch",
+            "best_val_accuracy",
+            "final_val_accuracy",
+        )
+    }
+    print(
+        json.dumps({"bench": "pretrain_resnet9", "device": result["system"]["device"], **summary, "written": path}),
+        flush=True,
+    )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 

@@ -30,16 +30,15 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import tempfile  # noqa: E402
-
 from benchmarks.throughput import CPU_CASES, Case, compare, summarize_precisions  # noqa: E402
-from pipeline.precision import CACHE_ENV, cpu_model_name  # noqa: E402
 from pipeline.device import resolve_amp_dtype, resolve_device  # noqa: E402
+from pipeline.precision import CACHE_ENV, cpu_model_name  # noqa: E402
 
 DEFAULT_ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10-jpeg-train.tar.gz")
 

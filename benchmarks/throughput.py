@@ -28,9 +28,9 @@ from torch import nn
 from benchmarks.classic import classic_throughput
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
+from pipeline.device import resolve_amp_dtype, resolve_device
 from pipeline.models import create_model
 from pipeline.precision import resolve_cpu_amp_dtype
-from pipeline.device import resolve_amp_dtype, resolve_device
 from pipeline.train import fit
 
 NUM_CLASSES = 10

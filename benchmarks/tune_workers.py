@@ -33,9 +33,14 @@ def prepare_inputs(folder: Path, image_size: int) -> dict:
 
     mlflow.set_tracking_uri(f"sqlite:///{folder}/inputs.db")
     data = run_prepare(PrepareConfig(source="digits", image_size=image_size))
-    pre = run_train(TrainConfig(data=data, epochs=2, lr=0.05, batch_size=64, augment="none", device="cpu", system_metrics=False), "pretrain")
-    return {"data": mlflow.artifacts.download_artifacts(f"runs:/{data}/dataset", dst_path=str(folder / "data")),
-            "pretrained": mlflow.artifacts.download_artifacts(f"runs:/{pre}/model", dst_path=str(folder / "pretrained"))}
+    pre = run_train(
+        TrainConfig(data=data, epochs=2, lr=0.05, batch_size=64, augment="none", device="cpu", system_metrics=False),
+        "pretrain",
+    )
+    return {
+        "data": mlflow.artifacts.download_artifacts(f"runs:/{data}/dataset", dst_path=str(folder / "data")),
+        "pretrained": mlflow.artifacts.download_artifacts(f"runs:/{pre}/model", dst_path=str(folder / "pretrained")),
+    }
 
 
 @contextlib.contextmanager
@@ -57,18 +62,57 @@ def fresh_storage(storage: str, folder: Path):
 def run_case(workers: int, inputs: dict, storage: str, folder: Path, args) -> dict:
     threads = max(1, (os.cpu_count() or 1) // workers)
     store = folder / f"mlflow-{workers}.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "MLFLOW_EXPERIMENT_NAME": f"bench-{workers}",
-           "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store}",
+        "MLFLOW_EXPERIMENT_NAME": f"bench-{workers}",
+        "OMP_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
     env.pop("MLFLOW_EXPERIMENT_ID", None)
-    subprocess.run([sys.executable, "-m", "mlflow", "experiments", "create", "-n", f"bench-{workers}"], env=env, check=True,
-                   capture_output=True)  # one process creates the store's tables and the experiment
-    cmd = [sys.executable, "-m", "steps.tune", "--data", inputs["data"], "--pretrained", inputs["pretrained"],
-           "--study-name", "bench", "--storage", storage, "--n-trials", str(args.trials), "--epochs", str(args.epochs),
-           "--sampler", "random", "--pruner", "none", "--seed", "0", "--batch-sizes", "32,64", "--augment", "none",
-           "--device", "cpu", "--heartbeat", "10"]
+    subprocess.run(
+        [sys.executable, "-m", "mlflow", "experiments", "create", "-n", f"bench-{workers}"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )  # one process creates the store's tables and the experiment
+    cmd = [
+        sys.executable,
+        "-m",
+        "steps.tune",
+        "--data",
+        inputs["data"],
+        "--pretrained",
+        inputs["pretrained"],
+        "--study-name",
+        "bench",
+        "--storage",
+        storage,
+        "--n-trials",
+        str(args.trials),
+        "--epochs",
+        str(args.epochs),
+        "--sampler",
+        "random",
+        "--pruner",
+        "none",
+        "--seed",
+        "0",
+        "--batch-sizes",
+        "32,64",
+        "--augment",
+        "none",
+        "--device",
+        "cpu",
+        "--heartbeat",
+        "10",
+    ]
     start = time.perf_counter()
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(workers)]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(workers)
+    ]
     outputs = [p.communicate()[0] for p in procs]
     wall = time.perf_counter() - start
     if any(p.returncode for p in procs):
@@ -77,14 +121,23 @@ def run_case(workers: int, inputs: dict, storage: str, folder: Path, args) -> di
 
     study = optuna.load_study(study_name="bench", storage=storage)
     finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
-    return {"bench": "tune_workers", "workers": workers, "threads_per_worker": threads, "trials": finished,
-            "epochs": args.epochs, "wall_s": round(wall, 1)}
+    return {
+        "bench": "tune_workers",
+        "workers": workers,
+        "threads_per_worker": threads,
+        "trials": finished,
+        "epochs": args.epochs,
+        "wall_s": round(wall, 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--storage", default=os.environ.get("PIPELINE_TEST_POSTGRES", "sqlite"),
-                        help="a postgresql:// URL of a role that may create databases, or 'sqlite'")
+    parser.add_argument(
+        "--storage",
+        default=os.environ.get("PIPELINE_TEST_POSTGRES", "sqlite"),
+        help="a postgresql:// URL of a role that may create databases, or 'sqlite'",
+    )
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--trials", type=int, default=9)
     parser.add_argument("--epochs", type=int, default=3)
@@ -98,8 +151,16 @@ def main() -> None:
             with fresh_storage(args.storage, folder) as storage:
                 results.append(run_case(workers, inputs, storage, folder, args))
                 print(json.dumps(results[-1]), flush=True)
-        print(json.dumps({"bench": "tune_workers_speedup", "workers": args.workers,
-                          "ratio": round(results[0]["wall_s"] / results[1]["wall_s"], 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "tune_workers_speedup",
+                    "workers": args.workers,
+                    "ratio": round(results[0]["wall_s"] / results[1]["wall_s"], 2),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

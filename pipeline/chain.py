@@ -182,10 +182,14 @@ def describe_chain(cfg: ChainConfig, ids: dict[str, str], final: dict[str, float
     """The parent run's description in the UI: the headline result, then each step and whether it was reused."""
     split = cfg.evaluate_split
     tags = mlflow.get_run(parent_id).data.tags
-    lines = [f"{cfg.pretrain.arch} pretrained and fine-tuned with the first {cfg.finetune.frozen_layers} of {NUM_STAGES} stages "
-             f"frozen, on `{cfg.prepare.source}`. "
-             f"{split.capitalize()} accuracy {final.get(f'{split}_accuracy', float('nan')):.4f}, "
-             f"macro-F1 {final.get(f'{split}_f1_macro', float('nan')):.4f}.", ""]
+    lines = [
+        f"{cfg.pretrain.arch} pretrained and fine-tuned with the first {cfg.finetune.frozen_layers} of {NUM_STAGES} "
+        "stages "
+        f"frozen, on `{cfg.prepare.source}`. "
+        f"{split.capitalize()} accuracy {final.get(f'{split}_accuracy', float('nan')):.4f}, "
+        f"macro-F1 {final.get(f'{split}_f1_macro', float('nan')):.4f}.",
+        "",
+    ]
     for step, run_id in ids.items():
         how = "reused" if tags.get(f"pipeline.{step}_reused") == "true" else "ran"
         lines.append(f"- {step}: {how} `{run_id}` ({run_name_of(run_id)})")

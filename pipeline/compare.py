@@ -22,11 +22,11 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
 from pipeline.config import NUM_STAGES, CompareConfig
-from pipeline.references import get_run
 from pipeline.errors import PipelineError
 from pipeline.evaluation_logging import load_class_keys
 from pipeline.keys import HASH_CHARS
 from pipeline.plots import pyplot
+from pipeline.references import get_run
 
 TRAIN_STEPS = ("pretrain", "finetune")
 EVALUATE = "evaluate"
@@ -57,7 +57,8 @@ def _experiment(ref: str):
         names = [e.name for e in mlflow.search_experiments(max_results=20)]
         raise PipelineError(
             f"no experiment {ref!r} in tracking store {mlflow.get_tracking_uri()}; pass one of "
-            f"{', '.join(repr(n) for n in names) or '(none)'} as the experiment, or set MLFLOW_TRACKING_URI to the store that holds it"
+            f"{', '.join(repr(n) for n in names) or '(none)'} as the experiment, or set MLFLOW_TRACKING_URI to the "
+            "store that holds it"
         )
     return exp
 
@@ -92,13 +93,16 @@ def select_runs(experiment: str = "", parent: str = "", run_ids: Sequence[str] =
     if parent:
         runs = _finished(_descendants(get_run(parent)))
         if not runs:
-            raise PipelineError(f"run {parent} has no FINISHED child runs; pass the parent run of a tune study or of main")
+            raise PipelineError(
+                f"run {parent} has no FINISHED child runs; pass the parent run of a tune study or of main"
+            )
         return runs
     exp = _experiment(experiment or _current_experiment())
     return _finished(mlflow.search_runs([exp.experiment_id], output_format="list"))
 
 
 # --- the table ----------------------------------------------------------------------------
+
 
 def _step(run: Run | None) -> str:
     return run.data.tags.get(tracking.TAG_STEP, "") if run else ""
@@ -176,7 +180,8 @@ def _row(train: Run | None, evaluation: Run | None, model_run_id: str = "") -> d
 
 def _evaluations_of(model_run_ids: set[str], experiment_ids: set[str]) -> list[Run]:
     found = mlflow.search_runs(
-        sorted(experiment_ids), filter_string=f"tags.`{tracking.TAG_STEP}` = '{EVALUATE}' and attributes.status = 'FINISHED'",
+        sorted(experiment_ids),
+        filter_string=f"tags.`{tracking.TAG_STEP}` = '{EVALUATE}' and attributes.status = 'FINISHED'",
         output_format="list",
     )
     return [run for run in found if run.data.tags.get(TAG_MODEL_RUN) in model_run_ids]
@@ -206,7 +211,9 @@ def comparison_table(runs: list[Run]) -> pd.DataFrame:
     rows = [_row(t, e) for t_id, t in training.items() for e in by_model.pop(t_id, [None])]
     rows += [_row(None, e, model_id) for model_id, es in by_model.items() for e in es]
     if not rows:
-        raise PipelineError("no pretrain, finetune or evaluate runs among the selected runs; select the runs of this pipeline")
+        raise PipelineError(
+            "no pretrain, finetune or evaluate runs among the selected runs; select the runs of this pipeline"
+        )
     table = pd.DataFrame(rows)
     metrics = sorted((c for c in table.columns if c not in ID_COLUMNS + KEY_PARAMS), key=_metric_order)
     return table[[*ID_COLUMNS, *KEY_PARAMS, *metrics]]
@@ -232,6 +239,7 @@ def sort_table(table: pd.DataFrame, metric: str = "") -> tuple[pd.DataFrame, str
 
 # --- output -------------------------------------------------------------------------------
 
+
 def format_table(table: pd.DataFrame, width: int | None = None) -> str:
     """Plain text, 4 significant digits; wider than `width` characters it wraps into column blocks."""
     return table.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", line_width=width)
@@ -255,7 +263,7 @@ def _per_class_f1(table: pd.DataFrame) -> tuple[str, list[str], list[str]]:
             found[m.group(1)].append(column)
     split = next((s for s in ("test", "val", "train") if found[s]), "")
     columns = found[split]
-    return split, columns, [c[len(f"{split}_f1_"):] for c in columns]
+    return split, columns, [c[len(f"{split}_f1_") :] for c in columns]
 
 
 def _label(row, with_evaluation: bool) -> str:
@@ -268,7 +276,9 @@ def plot_comparison(table: pd.DataFrame, path: str) -> None:
     frozen_layers against macro F1 (test where evaluated, else best validation)."""
     plt = pyplot()
     split, columns, classes = _per_class_f1(table)
-    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(max(10.0, 4 + 0.6 * len(classes)), 4.8), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (bars, scatter) = plt.subplots(
+        1, 2, figsize=(max(10.0, 4 + 0.6 * len(classes)), 4.8), gridspec_kw={"width_ratios": [2, 1]}
+    )
     rows = table[table[columns].notna().any(axis=1)] if columns else table.iloc[:0]
     if rows.empty:
         bars.axis("off")
@@ -281,12 +291,17 @@ def plot_comparison(table: pd.DataFrame, path: str) -> None:
         for k, (i, row) in enumerate(shown.iterrows()):
             f1 = row[columns].astype(float).fillna(0).to_numpy()
             bars.bar(x + (k - (len(shown) - 1) / 2) * width, f1, width, label=_label(row, twice[i]))
-        bars.set_xticks(x, classes, rotation=45 if len(classes) > 10 else 0, ha="right" if len(classes) > 10 else "center")
+        bars.set_xticks(
+            x, classes, rotation=45 if len(classes) > 10 else 0, ha="right" if len(classes) > 10 else "center"
+        )
         more = f" (first {len(shown)} of {len(rows)})" if len(rows) > len(shown) else ""
         bars.set(ylabel="F1", ylim=(0, 1.05), title=f"per-class {split} F1{more}")
         bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     frozen = pd.to_numeric(table["frozen_layers"], errors="coerce")
-    for column, marker, name in (("test_f1_macro", "o", "test F1 (macro)"), ("best_val_f1_macro", "x", "best val F1 (macro), not evaluated")):
+    for column, marker, name in (
+        ("test_f1_macro", "o", "test F1 (macro)"),
+        ("best_val_f1_macro", "x", "best val F1 (macro), not evaluated"),
+    ):
         if column not in table:
             continue
         y = table[column].astype(float)
@@ -295,7 +310,12 @@ def plot_comparison(table: pd.DataFrame, path: str) -> None:
         keep = frozen.notna() & y.notna()
         if keep.any():
             scatter.scatter(frozen[keep], y[keep], marker=marker, label=name)
-    scatter.set(xlabel="frozen_layers (stages frozen)", ylabel="macro F1", title="frozen layers vs F1", xlim=(-0.5, NUM_STAGES + 0.5))
+    scatter.set(
+        xlabel="frozen_layers (stages frozen)",
+        ylabel="macro F1",
+        title="frozen layers vs F1",
+        xlim=(-0.5, NUM_STAGES + 0.5),
+    )
     scatter.set_xticks(range(6))
     if scatter.get_legend_handles_labels()[0]:
         scatter.legend(fontsize=7)

@@ -125,29 +125,53 @@ class TrainConfig:
     patience: int = opt(0, "early stopping: epochs without improvement of `monitor` (0 = off)")
     monitor: str = opt("val_f1_macro", "validation metric that picks the best epoch")
     dropout: float = opt(0.0, "dropout before the classification head")
-    augment: str = opt("basic", "none | basic (random crop, padding 1/8 of the side, + flip) | strong (+ rotation and scale)")
+    augment: str = opt("basic", "none | basic (random crop, padding 1/8 of the side, + flip) | strong (+ rotation and "
+                                "scale)")
     ema: float = opt(0.0, "weight EMA decay per step (0 = off), e.g. 0.999")
     tta: bool = opt(False, "flip test-time augmentation at validation/evaluation")
     precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda | cuda:K (the K-th visible GPU, e.g. one per tune worker)")
-    compile: bool = opt(False, "torch.compile the model (pays off on GPUs for long runs); drops each epoch's short last batch")
-    checkpoint_every: float = opt(30.0, "seconds between writes of the resumable checkpoint (always after the last epoch and on interruption); 0 = every epoch")
-    system_metrics: bool = opt(True, "log CPU, memory, disk and network use (GPU too where pynvml is installed) as system/* metrics of the run; false = off")
+    compile: bool = opt(
+        False, "torch.compile the model (pays off on GPUs for long runs); drops each epoch's short last batch"
+    )
+    checkpoint_every: float = opt(
+        30.0,
+        "seconds between writes of the resumable checkpoint (always after the last epoch and on interruption); 0 = "
+        "every epoch",
+    )
+    system_metrics: bool = opt(
+        True,
+        "log CPU, memory, disk and network use (GPU too where pynvml is installed) as system/* metrics of the run; "
+        "false = off",
+    )
     seed: int = opt(0, "seeds weights init, shuffling and augmentation")
     pretrained: str = opt("", "finetune only: run id, runs:/ or models:/ URI")
     frozen_layers: int = opt(
         0, f"finetune only: freeze the first k of stem, layer1..layer4 (0-{NUM_STAGES}; {NUM_STAGES} = head only)"
     )
-    resume: str = opt("", "run id of an interrupted run of this step: continue it in place from its last checkpoint, with its stored config")
-    register_as: str = opt("", "registered model name: after training, score on the test split and register the model (alias `champion` moves on better test macro-F1); empty = do not register")
-    keep_checkpoint: bool = opt(False, "keep the resumable checkpoint (checkpoints/last.pt, ~3x the model's size) "
-                                       "of a run that finished; false = delete it (interrupted and failed runs always keep it)")
+    resume: str = opt(
+        "",
+        "run id of an interrupted run of this step: continue it in place from its last checkpoint, with its stored "
+        "config",
+    )
+    register_as: str = opt(
+        "",
+        "registered model name: after training, score on the test split and register the model (alias `champion` moves "
+        "on better test macro-F1); empty = do not register",
+    )
+    keep_checkpoint: bool = opt(
+        False,
+        "keep the resumable checkpoint (checkpoints/last.pt, ~3x the model's size) "
+        "of a run that finished; false = delete it (interrupted and failed runs always keep it)",
+    )
 
     def __post_init__(self) -> None:
         if self.arch == "auto":
             if not self.pretrained and not self.resume:  # a resumed run's stored config has both
-                raise PipelineError("finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI "
-                                    "(arch=auto takes its architecture)")
+                raise PipelineError(
+                    "finetune needs pretrained: a pretrain run id, or a runs:/ or models:/ URI "
+                    "(arch=auto takes its architecture)"
+                )
         else:
             _choice("arch", self.arch, ARCHS)
         _choice("weights", self.weights, WEIGHTS)
@@ -221,15 +245,25 @@ class TuneConfig:
     pretrained: str = opt("", "run id, runs:/ or models:/ URI of the model every trial starts from")
     arch: str = opt("auto", "auto = as pretrained; naming one checks that pretrained is that arch")
     study_name: str = opt("finetune", "Optuna study name (letters, digits, _ . -); also names its parent MLflow run")
-    storage: str = opt("sqlite:///optuna.db", "Optuna storage URL (sqlite:///..., postgresql://...) or a journal file: PATH.log or journal:PATH")
+    storage: str = opt(
+        "sqlite:///optuna.db",
+        "Optuna storage URL (sqlite:///..., postgresql://...) or a journal file: PATH.log or journal:PATH",
+    )
     n_trials: int = opt(20, "target: finished (complete + pruned) trials in the study, over all workers and reruns")
     timeout: float = opt(0.0, "seconds after which this worker starts no new trial (0 = no limit)")
     sampler: str = opt("tpe", "tpe | random")
     pruner: str = opt("median", "median | hyperband | none")
-    startup_trials: int = opt(5, "trials drawn at random (tpe) and never pruned (median) before the study learns from them")
-    metric: str = opt("val_f1_macro", "objective, the best epoch's value: val_f1_macro | val_accuracy (maximized) | val_loss (minimized)")
+    startup_trials: int = opt(
+        5, "trials drawn at random (tpe) and never pruned (median) before the study learns from them"
+    )
+    metric: str = opt(
+        "val_f1_macro",
+        "objective, the best epoch's value: val_f1_macro | val_accuracy (maximized) | val_loss (minimized)",
+    )
     epochs: int = opt(5, "training epochs per trial (also the pruner's step count)")
-    seed: int = opt(0, "training seed of every trial; trial k's hyperparameters are drawn with a seed made of (seed, k)")
+    seed: int = opt(
+        0, "training seed of every trial; trial k's hyperparameters are drawn with a seed made of (seed, k)"
+    )
     lr_min: float = opt(1e-4, "smallest learning rate tried (log-uniform)")
     lr_max: float = opt(0.1, "largest learning rate tried")
     batch_sizes: str = opt("32,64,128", "comma-separated batch sizes to choose from")
@@ -237,12 +271,22 @@ class TuneConfig:
     wd_max: float = opt(1e-2, "largest weight decay tried")
     frozen_min: int = opt(0, "fewest frozen stages tried (0 = train everything)")
     frozen_max: int = opt(NUM_STAGES, f"most frozen stages tried ({NUM_STAGES} = head only)")
-    augment: str = opt("basic", "none | basic (random crop, padding 1/8 of the side, + flip) | strong (+ rotation and scale)")
+    augment: str = opt(
+        "basic", "none | basic (random crop, padding 1/8 of the side, + flip) | strong (+ rotation and scale)"
+    )
     precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda | cuda:K (the K-th visible GPU)")
-    register_as: str = opt("", "registered model name for the best trial's model (alias `champion`); empty = do not register")
-    system_metrics: bool = opt(True, "every trial run logs CPU/memory (and GPU with pynvml) as system/* metrics; false = off")
-    heartbeat: int = opt(60, "seconds between a worker's heartbeats on database storages; a trial silent for 3x as long (its worker died) is marked FAIL and retried from its last checkpoint")
+    register_as: str = opt(
+        "", "registered model name for the best trial's model (alias `champion`); empty = do not register"
+    )
+    system_metrics: bool = opt(
+        True, "every trial run logs CPU/memory (and GPU with pynvml) as system/* metrics; false = off"
+    )
+    heartbeat: int = opt(
+        60,
+        "seconds between a worker's heartbeats on database storages; a trial silent for 3x as long (its worker died) "
+        "is marked FAIL and retried from its last checkpoint",
+    )
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -253,12 +297,17 @@ class TuneConfig:
             _choice("arch", self.arch, ARCHS)
         if not STUDY_NAME.match(self.study_name):
             raise PipelineError(
-                f"study_name={self.study_name!r} is not usable; use up to 100 letters, digits, '_', '.' or '-', e.g. cifar-finetune"
+                f"study_name={self.study_name!r} is not usable; use up to 100 letters, digits, '_', '.' or '-', e.g. "
+                "cifar-finetune"
             )
         if not self.storage.strip():
-            raise PipelineError("storage is empty; use e.g. sqlite:///optuna.db or a journal file such as optuna-journal.log")
+            raise PipelineError(
+                "storage is empty; use e.g. sqlite:///optuna.db or a journal file such as optuna-journal.log"
+            )
         if not isinstance(self.n_trials, int) or self.n_trials < 1:
-            raise PipelineError(f"n_trials={self.n_trials} must be an integer >= 1 (the study's total of finished trials)")
+            raise PipelineError(
+                f"n_trials={self.n_trials} must be an integer >= 1 (the study's total of finished trials)"
+            )
         _non_negative("timeout", self.timeout)
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("pruner", self.pruner, PRUNERS)
@@ -275,7 +324,8 @@ class TuneConfig:
         self.batch_size_choices  # validates
         if not 0 <= self.frozen_min <= self.frozen_max <= NUM_STAGES:
             raise PipelineError(
-                f"frozen_min={self.frozen_min}, frozen_max={self.frozen_max}: need 0 <= frozen_min <= frozen_max <= {NUM_STAGES}"
+                f"frozen_min={self.frozen_min}, frozen_max={self.frozen_max}: need 0 <= frozen_min <= frozen_max <= "
+                f"{NUM_STAGES}"
             )
         _choice("augment", self.augment, AUGMENTS)
         _choice("precision", self.precision, PRECISIONS)
@@ -291,7 +341,9 @@ class TuneConfig:
         except ValueError:
             sizes = []
         if not sizes or min(sizes) < 1:
-            raise PipelineError(f"batch_sizes={self.batch_sizes!r} must be a comma-separated list of positive integers, e.g. 32,64,128")
+            raise PipelineError(
+                f"batch_sizes={self.batch_sizes!r} must be a comma-separated list of positive integers, e.g. 32,64,128"
+            )
         return sorted(set(sizes))
 
     @property
@@ -309,17 +361,28 @@ TABLE_SUFFIXES = (".csv", ".md")
 class CompareConfig:
     """Which runs `compare` puts in its table, the sort order, and the files it writes."""
 
-    experiment: str = opt("", "experiment name (or id) whose FINISHED runs to compare; default (no selection at all): the current experiment")
+    experiment: str = opt(
+        "",
+        "experiment name (or id) whose FINISHED runs to compare; default (no selection at all): the current experiment",
+    )
     parent: str = opt("", "run id of a tune study's or main's parent run: compare its FINISHED descendants")
     runs: str = opt("", "run ids (training or evaluate runs) separated by spaces or commas, as RUN_ID arguments are")
-    sort: str = opt("", "metric to sort by, best first (lowest first for a *loss*); empty = test_f1_macro, else best_val_f1_macro")
+    sort: str = opt(
+        "", "metric to sort by, best first (lowest first for a *loss*); empty = test_f1_macro, else best_val_f1_macro"
+    )
     output: str = opt("", "also write the table to FILE.csv (full precision) or FILE.md (Markdown)")
     plot: str = opt("", "write FILE.png: per-class F1 across runs, and frozen_layers vs macro F1")
 
     def __post_init__(self) -> None:
-        given = [name for name, value in (("experiment", self.experiment), ("parent", self.parent), ("run ids", self.run_ids)) if value]
+        given = [
+            name
+            for name, value in (("experiment", self.experiment), ("parent", self.parent), ("run ids", self.run_ids))
+            if value
+        ]
         if len(given) > 1:
-            raise PipelineError(f"{' and '.join(given)} were both given; select runs with one of experiment, parent or run ids")
+            raise PipelineError(
+                f"{' and '.join(given)} were both given; select runs with one of experiment, parent or run ids"
+            )
         if self.output and not self.output.lower().endswith(TABLE_SUFFIXES):
             raise PipelineError(f"output {self.output!r} has an unknown format; name a .csv or .md file, e.g. runs.csv")
         if self.plot and not self.plot.lower().endswith(".png"):

@@ -44,7 +44,9 @@ def read_world(environ=None) -> World:
     if int(env.get("WORLD_SIZE", "1")) <= 1:
         return SINGLE
     size = int(env["WORLD_SIZE"])
-    return World(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), size, int(env.get("LOCAL_WORLD_SIZE", str(size))))
+    return World(
+        int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), size, int(env.get("LOCAL_WORLD_SIZE", str(size)))
+    )
 
 
 def mark_raised_on_every_rank(exc: BaseException) -> BaseException:
@@ -74,16 +76,20 @@ def check_world(world: World, batch_size: int, device: torch.device) -> None:
     if batch_size % world.size:
         lower = batch_size // world.size * world.size
         hint = f"{lower} or {lower + world.size}" if lower else str(world.size)
-        raise mark_raised_on_every_rank(PipelineError(
-            f"batch_size={batch_size} is the global batch and must split evenly over the {world.size} processes; "
-            f"use a multiple of {world.size}, e.g. {hint}"
-        ))
+        raise mark_raised_on_every_rank(
+            PipelineError(
+                f"batch_size={batch_size} is the global batch and must split evenly over the {world.size} processes; "
+                f"use a multiple of {world.size}, e.g. {hint}"
+            )
+        )
     if device.type == "cuda" and world.local_size > torch.cuda.device_count():
         gpus = torch.cuda.device_count()
-        raise mark_raised_on_every_rank(PipelineError(
-            f"{world.local_size} processes on this machine but {gpus} GPU(s) are visible; "
-            f"use --nproc-per-node {gpus} (one process per GPU) or device=cpu"
-        ))
+        raise mark_raised_on_every_rank(
+            PipelineError(
+                f"{world.local_size} processes on this machine but {gpus} GPU(s) are visible; "
+                f"use --nproc-per-node {gpus} (one process per GPU) or device=cpu"
+            )
+        )
 
 
 @contextlib.contextmanager

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.device import EVAL_BATCH, predict_logits, resolve_amp_dtype
 from pipeline.keys import class_keys
 from pipeline.metrics import average_precision, confusion, per_class_table, report_text, summary_metrics
-from pipeline.device import EVAL_BATCH, predict_logits, resolve_amp_dtype
 
 MAX_PER_CLASS_METRICS = 20  # beyond this many classes, per-class numbers go to the CSV table only
 AVERAGES = ("macro", "weighted")  # `<prefix>_f1_macro` etc.: no class key may equal these

@@ -10,10 +10,8 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from pipeline.evaluation import metric_keys
-from pipeline.plots import plot_confusion
-from pipeline.plots import misclassified_grid, precision_recall_figure
+from pipeline.plots import misclassified_grid, plot_confusion, precision_recall_figure
 from pipeline.tracking import log_metrics
-
 
 CLASS_KEYS_ARTIFACT = "evaluation/class_keys.json"  # {metric key part: class name}
 

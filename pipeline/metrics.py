@@ -19,7 +19,9 @@ def summary_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, pr
     out = {f"{prefix}_accuracy": float(accuracy_score(y_true, y_pred))}
     for avg in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
-        out.update({f"{prefix}_precision_{avg}": float(p), f"{prefix}_recall_{avg}": float(r), f"{prefix}_f1_{avg}": float(f)})
+        out.update(
+            {f"{prefix}_precision_{avg}": float(p), f"{prefix}_recall_{avg}": float(r), f"{prefix}_f1_{avg}": float(f)}
+        )
     return out
 
 
@@ -43,7 +45,9 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
 def average_precision(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """One-vs-rest average precision of each class's probability column; NaN for a class with no
     true images (its precision-recall curve is undefined), so a macro mean skips it."""
-    return np.array([
-        average_precision_score(y_true == c, probs[:, c]) if (y_true == c).any() else np.nan
-        for c in range(probs.shape[1])
-    ])
+    return np.array(
+        [
+            average_precision_score(y_true == c, probs[:, c]) if (y_true == c).any() else np.nan
+            for c in range(probs.shape[1])
+        ]
+    )

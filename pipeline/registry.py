@@ -13,12 +13,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from pipeline.evaluation_logging import load_class_keys, log_evaluation
-from pipeline.references import load_dataset_ref, load_model_ref
+from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
+from pipeline.evaluation_logging import load_class_keys, log_evaluation
 from pipeline.models import build_logged_net
-from pipeline.device import resolve_device
+from pipeline.references import load_dataset_ref, load_model_ref
 
 CHAMPION = "champion"
 MAX_LISTED_CLASSES = 50  # a description lists this many class names, then a count
@@ -48,23 +48,31 @@ def describe_run(run_id: str, metrics: dict[str, float], test_images: int, class
     params, tags = run.data.params, run.data.tags
     step = tags.get(tracking.TAG_STEP, "training")
     frozen = f", frozen_layers={params['frozen_layers']}" if step == "finetune" else ""
-    pretrained = tags.get("pipeline.upstream.pretrained") or f"none ({params.get('weights', 'none')} weights, trained from scratch)"
-    scores = ", ".join(f"{k[len('test_'):]} {metrics[k]:.4f}" for k in TEST_METRICS if k in metrics)
-    return "\n".join([
-        f"**{step} {tracking.arch_of(run) or '?'}**{frozen}, lr={params.get('lr', '?')}, batch_size={params.get('batch_size', '?')}, "
-        f"epochs={params.get('epochs', '?')} (run `{run_id}`)",
-        "",
-        f"- data: `{tags.get('pipeline.upstream.data', '?')}`",
-        f"- pretrained from: `{pretrained}`",
-        f"- test split ({test_images} images): {scores}",
-        *([f"- classes ({len(class_names)}): {_listed(class_names)}"] if class_names else []),
-    ])
+    pretrained = (
+        tags.get("pipeline.upstream.pretrained")
+        or f"none ({params.get('weights', 'none')} weights, trained from scratch)"
+    )
+    scores = ", ".join(f"{k[len('test_') :]} {metrics[k]:.4f}" for k in TEST_METRICS if k in metrics)
+    return "\n".join(
+        [
+            f"**{step} {tracking.arch_of(run) or '?'}**{frozen}, lr={params.get('lr', '?')}, "
+            f"batch_size={params.get('batch_size', '?')}, "
+            f"epochs={params.get('epochs', '?')} (run `{run_id}`)",
+            "",
+            f"- data: `{tags.get('pipeline.upstream.data', '?')}`",
+            f"- pretrained from: `{pretrained}`",
+            f"- test split ({test_images} images): {scores}",
+            *([f"- classes ({len(class_names)}): {_listed(class_names)}"] if class_names else []),
+        ]
+    )
 
 
 def _listed(class_names: Sequence[str]) -> str:
     """Each name in backticks (Markdown shows `a, b` in a name as it is); the first MAX_LISTED_CLASSES."""
     shown = ", ".join(f"`` {name} ``" for name in class_names[:MAX_LISTED_CLASSES])
-    return shown + (f" and {len(class_names) - MAX_LISTED_CLASSES} more" if len(class_names) > MAX_LISTED_CLASSES else "")
+    return shown + (
+        f" and {len(class_names) - MAX_LISTED_CLASSES} more" if len(class_names) > MAX_LISTED_CLASSES else ""
+    )
 
 
 def _model_source(client: MlflowClient, run_id: str) -> str:
@@ -110,7 +118,12 @@ def champion_holds(name: str, metric: str, value: float, higher_is_better: bool 
     if held is None:
         return f"{name}@{CHAMPION} (version {champion.version}) has no {metric} to compare; left as is"
     better = value > float(held) if higher_is_better else value < float(held)
-    return None if better else f"{name}@{CHAMPION} (version {champion.version}, {metric}={float(held):.4f}) stays; the new model has {value:.4f}"
+    return (
+        None
+        if better
+        else f"{name}@{CHAMPION} (version {champion.version}, {metric}={float(held):.4f}) stays; the new model has "
+             f"{value:.4f}"
+    )
 
 
 def promote(name: str, version: str) -> str:
@@ -118,12 +131,17 @@ def promote(name: str, version: str) -> str:
     return f"models:/{name}@{CHAMPION} now points to version {version}"
 
 
-def register_scored_run(run_id: str, name: str, metrics: dict[str, float], test_images: int,
-                        class_names: Sequence[str] = ()) -> str:
+def register_scored_run(
+    run_id: str, name: str, metrics: dict[str, float], test_images: int, class_names: Sequence[str] = ()
+) -> str:
     """Register the run's model with its test metrics (description and version tags) and promote it
     to `champion` on a better test macro-F1."""
-    version = register_run_model(run_id, name, describe_run(run_id, metrics, test_images, class_names),
-                                 {k: f"{metrics[k]:.6g}" for k in TEST_METRICS if k in metrics})
+    version = register_run_model(
+        run_id,
+        name,
+        describe_run(run_id, metrics, test_images, class_names),
+        {k: f"{metrics[k]:.6g}" for k in TEST_METRICS if k in metrics},
+    )
     reason = champion_holds(name, "test_f1_macro", metrics["test_f1_macro"]) or promote(name, version)
     print(f"registered {name} version {version}; {reason}")
     return version
@@ -141,5 +159,9 @@ def register_evaluated(train_run_id: str, evaluate_run_id: str, name: str, test_
     logged = mlflow.get_run(evaluate_run_id).data.metrics
     metrics = {k: logged[k] for k in TEST_METRICS if k in logged}
     if "test_f1_macro" not in metrics:
-        raise PipelineError(f"evaluate run {evaluate_run_id} has no test metrics; register a model evaluated on the test split")
-    return register_scored_run(train_run_id, name, metrics, test_images, list(load_class_keys(evaluate_run_id).values()))
+        raise PipelineError(
+            f"evaluate run {evaluate_run_id} has no test metrics; register a model evaluated on the test split"
+        )
+    return register_scored_run(
+        train_run_id, name, metrics, test_images, list(load_class_keys(evaluate_run_id).values())
+    )

@@ -20,19 +20,24 @@ import torch
 
 from pipeline import distributed, preflight, registry, tracking
 from pipeline.config import NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig
+from pipeline.data.imageset import DatasetSplits
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import choose_split, decode_tree, scan_image_tree
-from pipeline.data.imageset import DatasetSplits
 from pipeline.data.store import save_dataset
+from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
 from pipeline.evaluation_logging import log_evaluation
-from pipeline.precision import resolve_cpu_amp_dtype
 from pipeline.models import ImageClassifier, build_logged_net, count_trainable, create_model, freeze, replace_head
+from pipeline.precision import resolve_cpu_amp_dtype
 from pipeline.references import load_dataset_ref, load_model_ref, run_name_of
-from pipeline.run_checkpoints import (CHECKPOINT_UPLOAD_S, LAST_CHECKPOINT, CheckpointUploads, delete_checkpoints,
-                                      load_resume_point)
-from pipeline.device import resolve_device
+from pipeline.run_checkpoints import (
+    CHECKPOINT_UPLOAD_S,
+    LAST_CHECKPOINT,
+    CheckpointUploads,
+    delete_checkpoints,
+    load_resume_point,
+)
 from pipeline.train import FitResult, fit, seed_everything
 
 MAX_LISTED_SKIPS = 100

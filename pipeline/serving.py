@@ -76,7 +76,9 @@ def request_json(images: np.ndarray) -> str:
 def predictions_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
     """One row per image: class_name, confidence, then prob_<class> for every class."""
     best = probs.argmax(1)
-    frame = pd.DataFrame({"class_name": [class_names[i] for i in best], "confidence": probs[np.arange(len(best)), best]})
+    frame = pd.DataFrame(
+        {"class_name": [class_names[i] for i in best], "confidence": probs[np.arange(len(best)), best]}
+    )
     probs_frame = pd.DataFrame(probs, columns=[PROB_PREFIX + c for c in class_names])
     return pd.concat([frame, probs_frame], axis=1)
 
@@ -101,7 +103,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         with torch.inference_mode():
             for start in range(0, len(images), rows):
                 # uint8 to the device; ImageClassifier resizes each batch before normalizing it.
-                batch = torch.from_numpy(images[start:start + rows]).to(self.device)
+                batch = torch.from_numpy(images[start : start + rows]).to(self.device)
                 chunks.append(torch.softmax(self.classifier(batch).float(), 1).cpu().numpy())
         probs = np.concatenate(chunks) if chunks else np.zeros((0, len(self.meta["class_names"])), np.float32)
         return predictions_frame(probs, self.meta["class_names"])

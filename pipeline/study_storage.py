@@ -59,7 +59,9 @@ def open_storage(storage: str, heartbeat: int = 60,
             raise PipelineError("storage='journal:' names no file; use e.g. journal:optuna-journal.log")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
-            raise PipelineError(f"journal storage {path!r}: folder {parent!r} does not exist; create it or pick another path")
+            raise PipelineError(
+                f"journal storage {path!r}: folder {parent!r} does not exist; create it or pick another path"
+            )
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(path))
@@ -87,8 +89,12 @@ def _open_rdb(storage: str, heartbeat: int, on_stale, attempts: int = 3) -> optu
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=GRACE_BEATS * heartbeat,
-                                                  heartbeat_stale_trial_callback=on_stale)
+                return optuna.storages.RDBStorage(
+                    storage,
+                    heartbeat_interval=heartbeat,
+                    grace_period=GRACE_BEATS * heartbeat,
+                    heartbeat_stale_trial_callback=on_stale,
+                )
         except (IntegrityError, ProgrammingError):
             if attempt == attempts - 1:
                 raise

@@ -27,10 +27,10 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import registry, tracking
-from pipeline.references import dataset_uri
 from pipeline.config import TuneConfig
 from pipeline.data.store import MANIFEST, read_manifest
 from pipeline.errors import PipelineError
+from pipeline.references import dataset_uri
 from pipeline.study_storage import MAX_RETRIES, storage_identity
 
 TAG_STUDY = "pipeline.study_name"
@@ -59,7 +59,11 @@ def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         client = MlflowClient()
         client.set_terminated(run_id, "FAILED")
         client.set_tag(run_id, TAG_STATE, "FAIL")
-        client.set_tag(run_id, "pipeline.fail_reason", f"worker {trial.user_attrs.get(ATTR_WORKER, '?')} stopped sending heartbeats")
+        client.set_tag(
+            run_id,
+            "pipeline.fail_reason",
+            f"worker {trial.user_attrs.get(ATTR_WORKER, '?')} stopped sending heartbeats",
+        )
 
 
 def mark_trial_run(trial: optuna.Trial, run_id: str | None, state: str) -> None:
@@ -83,14 +87,15 @@ def run_of_trial(number: int, condition: str) -> str | None:
         return None
     runs = mlflow.search_runs(
         experiment_ids=[parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{TAG_TRIAL}` = '{number}' and {condition}",
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{TAG_TRIAL}` = '{number}' and "
+                      f"{condition}",
         output_format="list",
     )
     return runs[0].info.run_id if runs else None
 
 
-
 # --- the parent run -----------------------------------------------------------------------
+
 
 def _experiment_id() -> str:
     from mlflow.tracking.fluent import _get_experiment_id
@@ -126,8 +131,13 @@ def find_or_create_parent(cfg: TuneConfig, log: Callable[[str], None]) -> str:
     exp = client.get_run(launcher).info.experiment_id if launcher else _experiment_id()
     storage = storage_identity(cfg.storage)
     storage_id = hashlib.sha256(storage.encode()).hexdigest()[:16]
-    tags = {tracking.TAG_STEP: "tune", TAG_STUDY: cfg.study_name, TAG_STORAGE: storage, TAG_STORAGE_ID: storage_id,
-            tracking.TAG_CODE: tracking.code_version()}
+    tags = {
+        tracking.TAG_STEP: "tune",
+        TAG_STUDY: cfg.study_name,
+        TAG_STORAGE: storage,
+        TAG_STORAGE_ID: storage_id,
+        tracking.TAG_CODE: tracking.code_version(),
+    }
     found = _parent_runs(exp, cfg.study_name, storage_id)
     mine = None
     if not found:
@@ -148,7 +158,11 @@ def find_or_create_parent(cfg: TuneConfig, log: Callable[[str], None]) -> str:
         client.set_tag(launcher, TAG_STUDY, cfg.study_name)
         client.set_tag(launcher, "mlflow.parentRunId", parent)
         client.set_tag(launcher, "mlflow.runName", f"{cfg.study_name} worker")
-        client.set_tag(launcher, "mlflow.note.content", f"This `mlflow run` worked on study {cfg.study_name}; its trials are nested under run {parent}.")
+        client.set_tag(
+            launcher,
+            "mlflow.note.content",
+            f"This `mlflow run` worked on study {cfg.study_name}; its trials are nested under run {parent}.",
+        )
     log(f"tune: study {cfg.study_name!r} in {storage}; parent run {parent}" + (" (resumed)" if mine != parent else ""))
     return parent
 
@@ -181,7 +195,9 @@ def log_study_dataset(cfg: TuneConfig) -> None:
         try:
             folder = os.path.dirname(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{MANIFEST}"))
         except (MlflowException, OSError) as exc:
-            raise PipelineError(f"no dataset manifest at {uri!r} ({type(exc).__name__}); pass a prepare_data run id or its dataset URI") from exc
+            raise PipelineError(
+                f"no dataset manifest at {uri!r} ({type(exc).__name__}); pass a prepare_data run id or its dataset URI"
+            ) from exc
     manifest = read_manifest(folder)
     if cfg.register_as:
         registry.require_test_split(manifest)  # before any trial, not after the study
@@ -204,7 +220,10 @@ def log_study_params(run_id: str, cfg: TuneConfig, log: Callable[[str], None]) -
     if new:
         retry_once(lambda: tracking.log_params(new))  # it skips keys another worker logged meanwhile
     if changed:
-        log(f"tune: the parent keeps the first run's params for {', '.join(changed)}; this worker's values are in tune_config.yaml")
+        log(
+            f"tune: the parent keeps the first run's params for {', '.join(changed)}; this worker's values are in "
+            "tune_config.yaml"
+        )
     tracking.log_config(params, "tune_config.yaml")
 
 
@@ -220,16 +239,32 @@ def _same_param(a: str, b: str) -> bool:
 
 # --- the summary after each worker ----------------------------------------------------------
 
+
 def log_summary(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int], log: Callable[[str], None]) -> None:
     """On the active (parent) run: trial counts (by state), best value and params, the trials table and plots."""
     finished = counts["complete"] + counts["pruned"]
     tracking.log_metrics({f"trials_{k}": counts[k] for k in ("complete", "pruned", "fail")}, step=finished)
     best = study.best_trial if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
     if best is not None:
-        tracking.log_metrics({f"best_{cfg.metric}": best.value, **{f"best_{k}": v for k, v in best.params.items()}}, step=finished)
-        mlflow.set_tags({"pipeline.best_trial_number": str(best.number), "pipeline.best_run_id": best.user_attrs.get(ATTR_RUN_ID, "")})
-        mlflow.log_dict({"number": best.number, "value": best.value, "metric": cfg.metric, "params": best.params,
-                         "run_id": best.user_attrs.get(ATTR_RUN_ID)}, "study/best_trial.json")
+        tracking.log_metrics(
+            {f"best_{cfg.metric}": best.value, **{f"best_{k}": v for k, v in best.params.items()}}, step=finished
+        )
+        mlflow.set_tags(
+            {
+                "pipeline.best_trial_number": str(best.number),
+                "pipeline.best_run_id": best.user_attrs.get(ATTR_RUN_ID, ""),
+            }
+        )
+        mlflow.log_dict(
+            {
+                "number": best.number,
+                "value": best.value,
+                "metric": cfg.metric,
+                "params": best.params,
+                "run_id": best.user_attrs.get(ATTR_RUN_ID),
+            },
+            "study/best_trial.json",
+        )
     df = study.trials_dataframe()
     mlflow.log_text(df.to_csv(index=False), "study/trials.csv")
     log_plots(study, log)
@@ -243,11 +278,16 @@ def format_params(params: dict, sep: str = " ") -> str:
 
 def describe_study(cfg: TuneConfig, counts: dict[str, int], best: FrozenTrial | None) -> str:
     """The parent run's description in the UI: how far the study got and its best trial so far."""
-    text = (f"Optuna study `{cfg.study_name}`, {cfg.direction}s {cfg.metric}: {counts['complete']} complete, "
-            f"{counts['pruned']} pruned, {counts['fail']} failed of n_trials={cfg.n_trials}; each trial's run is nested below.")
+    text = (
+        f"Optuna study `{cfg.study_name}`, {cfg.direction}s {cfg.metric}: {counts['complete']} complete, "
+        f"{counts['pruned']} pruned, {counts['fail']} failed of n_trials={cfg.n_trials}; each trial's run is nested "
+        "below."
+    )
     if best is not None:
-        text += (f"\n\nBest: trial {best.number}, {cfg.metric}={best.value:.4f} ({format_params(best.params, ', ')}), "
-                 f"run `{best.user_attrs.get(ATTR_RUN_ID, '')}`.")
+        text += (
+            f"\n\nBest: trial {best.number}, {cfg.metric}={best.value:.4f} ({format_params(best.params, ', ')}), "
+            f"run `{best.user_attrs.get(ATTR_RUN_ID, '')}`."
+        )
     return text + "\n\nThe trials table and Optuna's plots are under `study/`."
 
 
@@ -322,9 +362,16 @@ def register_best(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], Non
     report, images, _ = registry.evaluate_run_on_test(run_id, cfg.data, cfg.device, cfg.precision)
     test = {k: v for k, v in report.metrics.items() if k in registry.TEST_METRICS}
     tracking.log_metrics_to(run_id, test)
-    tags = {TAG_STUDY: cfg.study_name, TAG_TRIAL: str(best.number), cfg.metric: f"{best.value:.6g}",
-            **{k: f"{v:.6g}" for k, v in test.items()}}
+    tags = {
+        TAG_STUDY: cfg.study_name,
+        TAG_TRIAL: str(best.number),
+        cfg.metric: f"{best.value:.6g}",
+        **{k: f"{v:.6g}" for k, v in test.items()},
+    }
     version = registry.register_run_model(run_id, name, registry.describe_run(run_id, test, len(images)), tags)
-    log(f"tune: registered trial {best.number} as {name} version {version} (test macro-F1 {test['test_f1_macro']:.4f}); "
-        + registry.promote(name, version))
+    log(
+        f"tune: registered trial {best.number} as {name} version {version} (test macro-F1 "
+        f"{test['test_f1_macro']:.4f}); "
+        + registry.promote(name, version)
+    )
     return version

@@ -26,7 +26,6 @@ from pipeline.checkpoint import checkpoint_state, restore_state, save_atomic
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import iter_train_batches
-from pipeline.ema import WeightEMA
 from pipeline.device import autocast, predict_logits, resolve_amp_dtype, resolve_device
 from pipeline.distributed import (
     SINGLE,
@@ -39,6 +38,7 @@ from pipeline.distributed import (
     shard_range,
     sum_across,
 )
+from pipeline.ema import WeightEMA
 from pipeline.errors import PipelineError
 from pipeline.metrics import summary_metrics
 from pipeline.models import set_train_mode

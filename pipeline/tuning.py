@@ -30,17 +30,32 @@ import torch
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from pipeline.config import TrainConfig, TuneConfig
+from pipeline.device import resolve_device
+from pipeline.errors import PipelineError
 from pipeline.references import dataset_uri, model_uri
 from pipeline.run_checkpoints import delete_checkpoints, has_checkpoint
-from pipeline.config import TrainConfig, TuneConfig
-from pipeline.errors import PipelineError
+from pipeline.runners import TrialHooks, run_train
 from pipeline.study_storage import GRACE_BEATS, has_heartbeats, open_storage, storage_identity
 from pipeline.study_tracking import (
-    ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_WORKER, find_or_create_parent, format_params, is_registrar,
-    log_study_dataset, log_study_params, log_summary, mark_trial_run, on_stale_trial, parent_run, register_best, worker_id,
+    ATTR_RUN_ID,
+    ATTR_WORKER,
+    TAG_STATE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    TAG_WORKER,
+    find_or_create_parent,
+    format_params,
+    is_registrar,
+    log_study_dataset,
+    log_study_params,
+    log_summary,
+    mark_trial_run,
+    on_stale_trial,
+    parent_run,
+    register_best,
+    worker_id,
 )
-from pipeline.device import resolve_device
-from pipeline.runners import TrialHooks, run_train
 from pipeline.train import NonFiniteLossError
 
 # A failing trial is the study's business, not the worker's: diverged training, or a batch size
@@ -92,7 +107,9 @@ def create_sampler(cfg: TuneConfig) -> BaseSampler:
         return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), cfg.seed)
     startup = cfg.startup_trials
     # constant_liar: a running trial counts as a bad result, so parallel workers spread out.
-    return TrialSeededSampler(lambda s: optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True, seed=s), cfg.seed)
+    return TrialSeededSampler(
+        lambda s: optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True, seed=s), cfg.seed
+    )
 
 
 def create_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
@@ -108,8 +125,12 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
     """Create the study, or load it (a rerun, another worker) after checking it optimizes cfg.metric."""
     storage = open_storage(cfg.storage, cfg.heartbeat, on_stale_trial)
     study = optuna.create_study(
-        storage=storage, study_name=cfg.study_name, direction=cfg.direction,
-        sampler=create_sampler(cfg), pruner=create_pruner(cfg), load_if_exists=True,
+        storage=storage,
+        study_name=cfg.study_name,
+        direction=cfg.direction,
+        sampler=create_sampler(cfg),
+        pruner=create_pruner(cfg),
+        load_if_exists=True,
     )
     metric = study.user_attrs.get("metric")
     if metric is None:
@@ -121,28 +142,38 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
         )
     _check_batch_sizes(study, cfg)
     if study.direction.name.lower() != cfg.direction:
-        raise PipelineError(f"study {cfg.study_name!r} was created to {study.direction.name.lower()}; pick a new study_name")
+        raise PipelineError(
+            f"study {cfg.study_name!r} was created to {study.direction.name.lower()}; pick a new study_name"
+        )
     # Other workers judge this worker's trials dead by the heartbeat they use: all must use one.
     heartbeat = study.user_attrs.get("heartbeat")
     if heartbeat is None:
         study.set_user_attr("heartbeat", cfg.heartbeat)
     elif heartbeat != cfg.heartbeat:
-        raise PipelineError(f"study {cfg.study_name!r} runs with heartbeat={heartbeat}, not {cfg.heartbeat}; "
-                            f"pass heartbeat={heartbeat} (every worker of a study must use the same)")
+        raise PipelineError(
+            f"study {cfg.study_name!r} runs with heartbeat={heartbeat}, not {cfg.heartbeat}; "
+            f"pass heartbeat={heartbeat} (every worker of a study must use the same)"
+        )
     return study
 
 
 def _check_batch_sizes(study: optuna.Study, cfg: TuneConfig) -> None:
     """Optuna cannot change a categorical parameter's choices within a study (the float and int ranges
     may change): refuse other batch_sizes here rather than fail every trial with Optuna's ValueError."""
-    space = next((t.distributions["batch_size"] for t in study.get_trials(deepcopy=False) if "batch_size" in t.distributions), None)
+    space = next(
+        (t.distributions["batch_size"] for t in study.get_trials(deepcopy=False) if "batch_size" in t.distributions),
+        None,
+    )
     if space is not None and list(space.choices) != cfg.batch_size_choices:
         have = ",".join(str(c) for c in space.choices)
-        raise PipelineError(f"study {cfg.study_name!r} draws batch_size from {have}, not batch_sizes={cfg.batch_sizes}; "
-                            f"pass batch_sizes={have} to continue it (Optuna cannot change a study's choices), or pick a new study_name")
+        raise PipelineError(
+            f"study {cfg.study_name!r} draws batch_size from {have}, not batch_sizes={cfg.batch_sizes}; "
+            f"pass batch_sizes={have} to continue it (Optuna cannot change a study's choices), or pick a new study_name"
+        )
 
 
 # --- the search space and one trial -----------------------------------------------------------
+
 
 def suggest(trial: optuna.Trial, cfg: TuneConfig) -> dict:
     return {
@@ -156,11 +187,18 @@ def suggest(trial: optuna.Trial, cfg: TuneConfig) -> dict:
 def trial_config(cfg: TuneConfig, params: dict) -> TrainConfig:
     """Every trial trains with the same seed, so trials differ by their hyperparameters alone."""
     return TrainConfig(
-        data=cfg.data, pretrained=cfg.pretrained, arch=cfg.arch, epochs=cfg.epochs, monitor=cfg.metric,
-        augment=cfg.augment, precision=cfg.precision, device=cfg.device, seed=cfg.seed,
-        system_metrics=cfg.system_metrics, **params,
+        data=cfg.data,
+        pretrained=cfg.pretrained,
+        arch=cfg.arch,
+        epochs=cfg.epochs,
+        monitor=cfg.metric,
+        augment=cfg.augment,
+        precision=cfg.precision,
+        device=cfg.device,
+        seed=cfg.seed,
+        system_metrics=cfg.system_metrics,
+        **params,
     )
-
 
 
 def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
@@ -173,7 +211,9 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
             # Another worker started a trial in the same instant; this one would overshoot n_trials.
             trial.set_user_attr(ATTR_SURPLUS, True)
             trial.study.stop()
-            raise SurplusTrial(f"trial {trial.number} not run: the study already has n_trials={cfg.n_trials} finished or running")
+            raise SurplusTrial(
+                f"trial {trial.number} not run: the study already has n_trials={cfg.n_trials} finished or running"
+            )
         if _is_fresh(frozen) and any(t.state == TrialState.WAITING for t in trials):
             # A retry (or enqueued trial) was queued while this one was being created: it goes first.
             trial.set_user_attr(ATTR_SURPLUS, True)
@@ -202,9 +242,19 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
         try:
             # With heartbeats a dead worker's trial is retried from its checkpoint, so it goes up once per
             # heartbeat interval (and is deleted when the trial ends); without, it stays local (~100 MB).
-            run_id = run_train(trial_config(cfg, params), "finetune", nested=True, tags=tags, hooks=TrialHooks(
-                on_epoch=on_epoch, stopped=(optuna.TrialPruned,), upload_checkpoints=heartbeats, upload_every=cfg.heartbeat,
-                start_from=start_from))
+            run_id = run_train(
+                trial_config(cfg, params),
+                "finetune",
+                nested=True,
+                tags=tags,
+                hooks=TrialHooks(
+                    on_epoch=on_epoch,
+                    stopped=(optuna.TrialPruned,),
+                    upload_checkpoints=heartbeats,
+                    upload_every=cfg.heartbeat,
+                    start_from=start_from,
+                ),
+            )
             seen["run_id"] = run_id
             value = mlflow.get_run(run_id).data.metrics.get(f"best_{cfg.metric}", math.nan)
             if not math.isfinite(value):
@@ -251,8 +301,8 @@ def _checkpoint_of_retried(trial: FrozenTrial) -> str:
     return run_id if run_id and has_checkpoint(run_id) else ""
 
 
-
 # --- how many trials are left -------------------------------------------------------------
+
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
     """Trials by state; FAIL trials that were never run (surplus of a race) are counted apart."""
@@ -286,6 +336,7 @@ class StopAtTarget:
 
 
 # --- the worker ---------------------------------------------------------------------------
+
 
 @dataclass
 class TuneResult:
@@ -337,21 +388,30 @@ def run_trials(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None])
     while time.monotonic() < deadline:
         if trials_to_start(study, cfg.n_trials) > 0:
             left = deadline - time.monotonic()
-            study.optimize(objective, timeout=None if math.isinf(left) else left, catch=(*TRIAL_ERRORS, SurplusTrial),
-                           callbacks=[StopAtTarget(cfg.n_trials), _log_trial(log)], gc_after_trial=True)
+            study.optimize(
+                objective,
+                timeout=None if math.isinf(left) else left,
+                catch=(*TRIAL_ERRORS, SurplusTrial),
+                callbacks=[StopAtTarget(cfg.n_trials), _log_trial(log)],
+                gc_after_trial=True,
+            )
             continue
         running = trial_counts(study)["running"]
         if not (heartbeats and running):
             break
         if not waiting_said:
-            log(f"tune: waiting for {running} trial(s) running in other workers (a dead worker's trial is "
-                f"retried here after {GRACE_BEATS * cfg.heartbeat} s without heartbeat)")
+            log(
+                f"tune: waiting for {running} trial(s) running in other workers (a dead worker's trial is "
+                f"retried here after {GRACE_BEATS * cfg.heartbeat} s without heartbeat)"
+            )
             waiting_said = True
         time.sleep(cfg.heartbeat)
     if objective.started == 0:
         c = trial_counts(study)
-        log(f"tune: the study holds {c['complete'] + c['pruned']} finished and {c['running']} running trial(s) "
-            f"of n_trials={cfg.n_trials}: nothing left to start (raise n_trials to continue)")
+        log(
+            f"tune: the study holds {c['complete'] + c['pruned']} finished and {c['running']} running trial(s) "
+            f"of n_trials={cfg.n_trials}: nothing left to start (raise n_trials to continue)"
+        )
     return objective.started
 
 

@@ -37,9 +37,13 @@ def config_options(config_cls, exclude: tuple[str, ...] = (), defaults: dict | N
             kind = type(f.default)
             if kind is bool:
                 # MLflow passes every parameter as `--name value`, so booleans take a value too.
-                option = click.option(flag, f.name, type=click.BOOL, default=default, show_default=True, help=f.metadata.get("help"))
+                option = click.option(
+                    flag, f.name, type=click.BOOL, default=default, show_default=True, help=f.metadata.get("help")
+                )
             else:
-                option = click.option(flag, f.name, type=kind, default=default, show_default=True, help=f.metadata.get("help"))
+                option = click.option(
+                    flag, f.name, type=kind, default=default, show_default=True, help=f.metadata.get("help")
+                )
             fn = option(fn)
         return fn
 
@@ -76,7 +80,9 @@ def handle_errors(fn=None, *, torchrun: bool = False, tracking: bool = True):
         runs_before = _last_run_id()
         try:
             if world.size > 1 and not torchrun:
-                raise mark_raised_on_every_rank(PipelineError("this step runs as one process; only pretrain and finetune run under torchrun"))
+                raise mark_raised_on_every_rank(
+                    PipelineError("this step runs as one process; only pretrain and finetune run under torchrun")
+                )
             if tracking:
                 check_tracking_server()
             return fn(*args, **kwargs)

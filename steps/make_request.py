@@ -11,8 +11,14 @@ from steps._cli import handle_errors
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--size", type=int, default=0, show_default=True,
-              help="pixels; resize every image to size x size (0 = the first image's size; the model resizes to its own size anyway)")
+@click.option(
+    "--size",
+    type=int,
+    default=0,
+    show_default=True,
+    help="pixels; resize every image to size x size (0 = the first image's size; the model resizes to its own size "
+         "anyway)",
+)
 @handle_errors(tracking=False)
 def main(images, size):
     click.echo(request_json(read_images(list(images), size)))

@@ -34,7 +34,11 @@ def subprocess_env(**extra: str) -> dict:
     `python`/`uvicorn` by name), no PIPELINE_DEBUG, and without the experiment and run ids that
     mlflow.set_experiment()/start_run() export (they name nothing in another store, and `mlflow run`
     refuses --experiment-name beside MLFLOW_EXPERIMENT_ID). `extra` overrides."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    }
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     return {**env, "PIPELINE_DEBUG": "", **extra}
 
@@ -115,7 +119,12 @@ def digits(tmp_path_factory) -> dict:
         try:
             five = run_prepare(PrepareConfig(source="digits", image_size=8, classes="0,1,2,3,4", samples_per_class=40))
             ten = run_prepare(PrepareConfig(source="digits", image_size=8, samples_per_class=30))
-            pre = run_train(TrainConfig(data=five, epochs=2, lr=0.05, batch_size=64, augment="none", precision="fp32", device="cpu"), "pretrain")
+            pre = run_train(
+                TrainConfig(
+                    data=five, epochs=2, lr=0.05, batch_size=64, augment="none", precision="fp32", device="cpu"
+                ),
+                "pretrain",
+            )
             data = mlflow.artifacts.download_artifacts(f"runs:/{ten}/dataset", dst_path=str(root / "data"))
             model = mlflow.artifacts.download_artifacts(f"runs:/{pre}/model", dst_path=str(root / "pretrained"))
         finally:

@@ -88,7 +88,9 @@ def main(out: str) -> None:
         if world.rank == 0:
             one_net = net_without_batchnorm()
             one = train.fit(one_net, trained, val, cfg, CLASSES)
-            diff = max((a - b).abs().max().item() for a, b in zip(ddp_net.state_dict().values(), one_net.state_dict().values()))
+            diff = max(
+                (a - b).abs().max().item() for a, b in zip(ddp_net.state_dict().values(), one_net.state_dict().values())
+            )
             keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1_macro")
             found["max_weight_diff"] = diff
             found["metrics"] = {k: [ddp.history[0][k], one.history[0][k]] for k in keys}

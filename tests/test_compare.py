@@ -23,7 +23,10 @@ def runs(trained):
     mlflow.set_experiment(experiment_id=exp_id)
     with mlflow.start_run(run_name="parent") as parent:
         with mlflow.start_run(run_name="middle", nested=True):
-            ev_pre = run_evaluate(EvaluateConfig(model=trained.pretrain, data=trained.prepare, device="cpu", precision="fp32"), nested=True)
+            ev_pre = run_evaluate(
+                EvaluateConfig(model=trained.pretrain, data=trained.prepare, device="cpu", precision="fp32"),
+                nested=True,
+            )
     return {"trained": trained, "parent": parent.info.run_id, "ev_pre": ev_pre}
 
 
@@ -37,10 +40,25 @@ def _expected_row(train_id, eval_id):
     assert ev.data.tags["pipeline.upstream.model_run"] == train_id  # the join compare makes
     p = train.data.params
     return {
-        "run_id": train_id, "run_name": train.info.run_name, "step": train.data.tags["pipeline.step"], "evaluate_run_id": eval_id,
-        "arch": p["arch"], "frozen_layers": int(p["frozen_layers"]), "lr": float(p["lr"]), "batch_size": int(p["batch_size"]),
-        "epochs": int(p["epochs"]), "weight_decay": float(p["weight_decay"]),
-        **{k: ev.data.metrics[k] for k in ("test_accuracy", "test_f1_macro", "test_average_precision_macro", *(f"test_f1_{c}" for c in CLASSES))},
+        "run_id": train_id,
+        "run_name": train.info.run_name,
+        "step": train.data.tags["pipeline.step"],
+        "evaluate_run_id": eval_id,
+        "arch": p["arch"],
+        "frozen_layers": int(p["frozen_layers"]),
+        "lr": float(p["lr"]),
+        "batch_size": int(p["batch_size"]),
+        "epochs": int(p["epochs"]),
+        "weight_decay": float(p["weight_decay"]),
+        **{
+            k: ev.data.metrics[k]
+            for k in (
+                "test_accuracy",
+                "test_f1_macro",
+                "test_average_precision_macro",
+                *(f"test_f1_{c}" for c in CLASSES),
+            )
+        },
         "best_val_f1_macro": train.data.metrics["best_val_f1_macro"],
     }
 
@@ -67,7 +85,9 @@ def test_run_ids_give_one_row_per_evaluated_model_best_first(runs, tmp_path):
     assert not any(c.startswith(("system/", "test_precision_0", "test_recall_0")) for c in table.columns)
 
     # The same selection written as Markdown, sorted by another metric, run ids given with --runs.
-    result = _invoke("--runs", f"{t.pretrain},{runs['ev_pre']} {t.finetune} {t.evaluate}", "--sort", "test_f1_3", "--output", str(md))
+    result = _invoke(
+        "--runs", f"{t.pretrain},{runs['ev_pre']} {t.finetune} {t.evaluate}", "--sort", "test_f1_3", "--output", str(md)
+    )
     assert result.exit_code == 0, result.output
     lines = md.read_text().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -77,7 +97,9 @@ def test_run_ids_give_one_row_per_evaluated_model_best_first(runs, tmp_path):
     f1_3 = {r["run_id"]: r["test_f1_3"] for r in expected}
     assert sorted(row[0] for row in body) == sorted(f1_3)
     assert f1_3[body[0][0]] >= f1_3[body[1][0]]
-    assert [float(row[header.index("test_f1_3")]) for row in body] == pytest.approx([f1_3[row[0]] for row in body], abs=5e-4)
+    assert [float(row[header.index("test_f1_3")]) for row in body] == pytest.approx(
+        [f1_3[row[0]] for row in body], abs=5e-4
+    )
 
     image = Image.open(png)
     image.load()
@@ -105,15 +127,21 @@ def test_experiment_rows_include_unevaluated_training_runs(runs):
     assert set(table.step) <= {"pretrain", "finetune"}  # prepare_data runs are no rows
 
 
-@pytest.mark.parametrize("args, message", [
-    (["f" * 32], f"error: no MLflow run '{'f' * 32}'"),
-    (["--experiment", "no-such-experiment"], "error: no experiment 'no-such-experiment' in tracking store"),
-    (["--sort", "test_f2_macro"], "error: no compared run has metric 'test_f2_macro'; sort by one of: "),
-    (["--output", "runs.txt"], "error: output 'runs.txt' has an unknown format; name a .csv or .md file"),
-    (["--plot", "runs.jpg"], "error: plot 'runs.jpg' is not a .png file name"),
-    (["--output", "/no/such/folder/runs.csv"], "error: folder '/no/such/folder' for '/no/such/folder/runs.csv' does not exist"),
-    (["--parent", "PARENT", "RUN"], "error: parent and run ids were both given; select runs with one of"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["f" * 32], f"error: no MLflow run '{'f' * 32}'"),
+        (["--experiment", "no-such-experiment"], "error: no experiment 'no-such-experiment' in tracking store"),
+        (["--sort", "test_f2_macro"], "error: no compared run has metric 'test_f2_macro'; sort by one of: "),
+        (["--output", "runs.txt"], "error: output 'runs.txt' has an unknown format; name a .csv or .md file"),
+        (["--plot", "runs.jpg"], "error: plot 'runs.jpg' is not a .png file name"),
+        (
+            ["--output", "/no/such/folder/runs.csv"],
+            "error: folder '/no/such/folder' for '/no/such/folder/runs.csv' does not exist",
+        ),
+        (["--parent", "PARENT", "RUN"], "error: parent and run ids were both given; select runs with one of"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(runs, args, message):
     args = [{"PARENT": runs["parent"], "RUN": runs["ev_pre"]}.get(a, a) for a in args]
     if args[0] == "--sort":

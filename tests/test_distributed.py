@@ -100,7 +100,8 @@ def test_batch_size_must_split_evenly_over_the_processes():
     with pytest.raises(PipelineError) as info:
         distributed.check_world(World(1, 1, 3, 3), 100, torch.device("cpu"))
     assert str(info.value) == (
-        "batch_size=100 is the global batch and must split evenly over the 3 processes; use a multiple of 3, e.g. 99 or 102"
+        "batch_size=100 is the global batch and must split evenly over the 3 processes; use a multiple of 3, e.g. 99 "
+        "or 102"
     )
     assert distributed.is_raised_on_every_rank(info.value)  # the same on every rank: rank 0 reports it
 
@@ -116,7 +117,9 @@ def test_other_steps_refuse_to_run_under_torchrun():
 
     before = signal.getsignal(signal.SIGTERM)
     try:
-        results = [CliRunner().invoke(main, [], env={"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank}) for rank in "01"]
+        results = [
+            CliRunner().invoke(main, [], env={"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank}) for rank in "01"
+        ]
     finally:
         signal.signal(signal.SIGTERM, before)
     assert [r.exit_code for r in results] == [2, 2]
@@ -132,11 +135,16 @@ def test_a_configuration_error_is_reported_by_rank_0_alone():
     args = ["--data", "0123456789abcdef0123456789abcdef", "--device", "cuda"]
     before = signal.getsignal(signal.SIGTERM)
     try:
-        results = [CliRunner().invoke(main, args, env={"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank}) for rank in "01"]
+        results = [
+            CliRunner().invoke(main, args, env={"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank}) for rank in "01"
+        ]
     finally:
         signal.signal(signal.SIGTERM, before)
     assert [r.exit_code for r in results] == [2, 2]
-    assert results[0].stderr.startswith("error: device=cuda but no CUDA GPU is visible") and results[0].stderr.count("\n") == 1
+    assert (
+        results[0].stderr.startswith("error: device=cuda but no CUDA GPU is visible")
+        and results[0].stderr.count("\n") == 1
+    )
     assert results[1].stderr == ""
 
 
@@ -158,6 +166,7 @@ def test_another_ranks_own_error_is_printed_with_its_rank():
 
 # --- two real processes (gloo on CPU) -------------------------------------------------------
 
+
 def _env(**extra) -> dict:
     return subprocess_env(OMP_WAIT_POLICY="PASSIVE", **extra)
 
@@ -166,8 +175,14 @@ def test_collectives_and_fit_on_two_processes_equal_one_process(tmp_path):
     """tests/ddp_probe.py: gather/sum/broadcast on two ranks, a failure on rank 1 alone reaching
     rank 0, and fit() on two ranks giving one process's weights for a net without BatchNorm."""
     out = tmp_path / "probe.json"
-    r = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "ddp_probe.py"), str(out)], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*TORCHRUN, str(ROOT / "tests" / "ddp_probe.py"), str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     found = json.loads(out.read_text())
     assert found["gather_rows"] == [0.0, 1.0, 2.0, 3.0, 4.0] and found["sum_across"] == 3.0
@@ -186,8 +201,17 @@ def digits_run() -> str:
     return run_prepare(PrepareConfig(source="digits", image_size=8, seed=0))
 
 
-TRAIN_ARGS = dict(arch="resnet9", epochs=3, batch_size=64, lr=0.05, augment="none", precision="fp32", device="cpu",
-                  seed=0, system_metrics=False)
+TRAIN_ARGS = dict(
+    arch="resnet9",
+    epochs=3,
+    batch_size=64,
+    lr=0.05,
+    augment="none",
+    precision="fp32",
+    device="cpu",
+    seed=0,
+    system_metrics=False,
+)
 # Final val accuracy of these 3 epochs, measured for seeds 0-3: one process 0.975, 0.963, 0.951, 0.981;
 # two processes 0.988, 0.975, 0.981, 0.981. Two processes train on the same global batches, but in
 # another order (the permutation is seeded per epoch) and with BatchNorm statistics over half a
@@ -197,7 +221,11 @@ ACCURACY_TOLERANCE = 0.06
 
 
 def _cli_args(params: dict) -> list[str]:
-    return [a for k, v in params.items() for a in (f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v))]
+    return [
+        a
+        for k, v in params.items()
+        for a in (f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v))
+    ]
 
 
 @pytest.mark.slow
@@ -205,8 +233,14 @@ def test_pretrain_under_torchrun_is_one_run_like_one_process(digits_run):
     from pipeline.runners import run_train
 
     exp = mlflow.create_experiment(f"ddp-two-{os.urandom(4).hex()}")
-    r = subprocess.run([*TORCHRUN, "-m", "steps.pretrain", "--data", digits_run, *_cli_args(TRAIN_ARGS)], cwd=ROOT,
-                       env=_env(MLFLOW_EXPERIMENT_ID=exp), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [*TORCHRUN, "-m", "steps.pretrain", "--data", digits_run, *_cli_args(TRAIN_ARGS)],
+        cwd=ROOT,
+        env=_env(MLFLOW_EXPERIMENT_ID=exp),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     runs = mlflow.search_runs([exp], output_format="list")
     assert len(runs) == 1  # rank 1 trained without a run of its own
@@ -231,11 +265,19 @@ def test_pretrain_under_torchrun_is_one_run_like_one_process(digits_run):
 def test_a_failure_before_training_is_one_error_line_and_a_failed_run():
     exp = mlflow.create_experiment(f"ddp-fail-{os.urandom(4).hex()}")
     missing = "0123456789abcdef0123456789abcdef"
-    r = subprocess.run([*TORCHRUN, "-m", "steps.pretrain", "--data", missing, "--device", "cpu", "--epochs", "1"], cwd=ROOT,
-                       env=_env(MLFLOW_EXPERIMENT_ID=exp), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*TORCHRUN, "-m", "steps.pretrain", "--data", missing, "--device", "cpu", "--epochs", "1"],
+        cwd=ROOT,
+        env=_env(MLFLOW_EXPERIMENT_ID=exp),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: no MLflow run '{missing}' in tracking store {os.environ['MLFLOW_TRACKING_URI']}; "
-                      "check the id in `mlflow ui` or set MLFLOW_TRACKING_URI to the store that holds it"]
+    assert errors == [
+        f"error: no MLflow run '{missing}' in tracking store {os.environ['MLFLOW_TRACKING_URI']}; "
+        "check the id in `mlflow ui` or set MLFLOW_TRACKING_URI to the store that holds it"
+    ]
     assert "interrupted" not in r.stderr  # both ranks failed together; nobody was killed waiting
     assert [run.info.status for run in mlflow.search_runs([exp], output_format="list")] == ["FAILED"]

@@ -12,8 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.chain import ChainConfig, run_chain
 from pipeline.config import PrepareConfig, TrainConfig
-from tests.conftest import SHARED_ARCHIVE
-from tests.conftest import subprocess_env
+from tests.conftest import SHARED_ARCHIVE, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -23,7 +22,18 @@ TINY = ["-P", "batch_size=64", "-P", "augment=none", "-P", "precision=fp32", "-P
 def _mlflow_run(entry, experiment, *params, fails_with=""):
     bin_dir = str(Path(sys.executable).parent)
     env = subprocess_env()
-    cmd = [os.path.join(bin_dir, "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", experiment, *params]
+    cmd = [
+        os.path.join(bin_dir, "mlflow"),
+        "run",
+        str(ROOT),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+        *params,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if fails_with:
         assert r.returncode != 0 and f"error: {fails_with}" in r.stderr, r.stderr[-3000:]
@@ -38,9 +48,22 @@ def test_four_entry_points_through_mlflow_run():
     exp = f"e2e-{os.urandom(3).hex()}"
     prep = _mlflow_run("prepare_data", exp, "-P", "source=digits", "-P", "image_size=8", "-P", "classes=0,1,2,3")
     pre = _mlflow_run("pretrain", exp, "-P", f"data={prep.info.run_id}", "-P", "epochs=2", *TINY)
-    fin = _mlflow_run("finetune", exp, "-P", f"data={prep.info.run_id}", "-P", f"pretrained=runs:/{pre.info.run_id}/model",
-                      "-P", "frozen_layers=2", "-P", "epochs=1", *TINY)
-    ev = _mlflow_run("evaluate", exp, "-P", f"model={fin.info.run_id}", "-P", f"data={prep.info.run_id}", "-P", "device=cpu")
+    fin = _mlflow_run(
+        "finetune",
+        exp,
+        "-P",
+        f"data={prep.info.run_id}",
+        "-P",
+        f"pretrained=runs:/{pre.info.run_id}/model",
+        "-P",
+        "frozen_layers=2",
+        "-P",
+        "epochs=1",
+        *TINY,
+    )
+    ev = _mlflow_run(
+        "evaluate", exp, "-P", f"model={fin.info.run_id}", "-P", f"data={prep.info.run_id}", "-P", "device=cpu"
+    )
     for run, step in ((prep, "prepare_data"), (pre, "pretrain"), (fin, "finetune"), (ev, "evaluate")):
         assert run.info.status == "FINISHED" and run.data.tags["pipeline.step"] == step
         assert run.data.tags["mlflow.project.entryPoint"] == step
@@ -53,7 +76,13 @@ def test_four_entry_points_through_mlflow_run():
     assert len(MlflowClient().get_metric_history(pre.info.run_id, "val_accuracy")) == 2
     # resume needs no other parameter (the run's stored config is used); a finished run is refused.
     for run, step in ((pre, "pretrain"), (fin, "finetune")):
-        _mlflow_run(step, exp, "-P", f"resume={run.info.run_id}", fails_with=f"run {run.info.run_id} already FINISHED; nothing to resume")
+        _mlflow_run(
+            step,
+            exp,
+            "-P",
+            f"resume={run.info.run_id}",
+            fails_with=f"run {run.info.run_id} already FINISHED; nothing to resume",
+        )
     _mlflow_run("finetune", exp, "-P", f"data={prep.info.run_id}", fails_with="finetune needs pretrained")
 
 
@@ -74,14 +103,19 @@ def test_main_reuses_finished_runs_and_recomputes_downstream_of_a_change(experim
     logs.clear()
     # Switching system metrics off changes what is recorded, not what is computed: all reused.
     quiet = _chain()
-    quiet = dataclasses.replace(quiet, pretrain=dataclasses.replace(quiet.pretrain, system_metrics=False),
-                                finetune=dataclasses.replace(quiet.finetune, system_metrics=False))
+    quiet = dataclasses.replace(
+        quiet,
+        pretrain=dataclasses.replace(quiet.pretrain, system_metrics=False),
+        finetune=dataclasses.replace(quiet.finetune, system_metrics=False),
+    )
     second = run_chain(quiet, logs.append)
     assert second == first
     assert sum("reusing" in line for line in logs) == 4
     logs.clear()
     cfg = _chain()
-    third = run_chain(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, frozen_layers=1)), logs.append)
+    third = run_chain(
+        dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, frozen_layers=1)), logs.append
+    )
     assert third["prepare_data"] == first["prepare_data"] and third["pretrain"] == first["pretrain"]
     assert third["finetune"] != first["finetune"] and third["evaluate"] != first["evaluate"]
     # A different upstream (another split seed) changes every step after it.
@@ -89,7 +123,9 @@ def test_main_reuses_finished_runs_and_recomputes_downstream_of_a_change(experim
     assert all(fourth[s] != first[s] for s in first)
     parents = mlflow.search_runs([experiment], filter_string="tags.`pipeline.step` = 'main'", output_format="list")
     assert len(parents) == 4 and all(p.info.status == "FINISHED" for p in parents)
-    children = mlflow.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parents[-1].info.run_id}'", output_format="list")
+    children = mlflow.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parents[-1].info.run_id}'", output_format="list"
+    )
     assert len(children) == 4
     # The parent's description (the UI's first view of a pipeline) says what was reused and how it scored.
     (third_parent,) = [p for p in parents if p.data.tags.get("pipeline.finetune_run") == third["finetune"]]
@@ -104,8 +140,16 @@ def test_real_jpeg_archive_prepare_pretrain_evaluate(experiment):
     from pipeline.config import EvaluateConfig
     from pipeline.runners import run_evaluate, run_prepare, run_train
 
-    prep = run_prepare(PrepareConfig(source=str(SHARED_ARCHIVE), image_size=16, classes="cat,ship,truck",
-                                     samples_per_class=300, val_fraction=0.02, test_fraction=0.02))
+    prep = run_prepare(
+        PrepareConfig(
+            source=str(SHARED_ARCHIVE),
+            image_size=16,
+            classes="cat,ship,truck",
+            samples_per_class=300,
+            val_fraction=0.02,
+            test_fraction=0.02,
+        )
+    )
     run = mlflow.get_run(prep)
     assert run.data.metrics["train_images"] == 900 and run.data.metrics["skipped_files"] == 0
     assert run.data.metrics["test_images"] == 300  # 2% of 15,000

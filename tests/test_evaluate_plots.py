@@ -46,7 +46,9 @@ def test_average_precision_equals_sklearn_on_independent_predictions(trained):
         probs = torch.softmax(model(torch.from_numpy(test.images)).float(), 1).numpy()
     onehot = label_binarize(test.labels, classes=list(range(10)))
     m = mlflow.get_run(trained.evaluate).data.metrics
-    assert m["test_average_precision_macro"] == pytest.approx(average_precision_score(onehot, probs, average="macro"), abs=1e-6)
+    assert m["test_average_precision_macro"] == pytest.approx(
+        average_precision_score(onehot, probs, average="macro"), abs=1e-6
+    )
     per_class = average_precision_score(onehot, probs, average=None)
     assert [m[f"test_average_precision_{c}"] for c in range(10)] == pytest.approx(list(per_class), abs=1e-6)
 

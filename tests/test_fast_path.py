@@ -12,8 +12,8 @@ import pipeline.train as train
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import crop_flip, iter_eval_batches, iter_train_batches, normalize
-from pipeline.models import ResNet9, create_model
 from pipeline.device import predict_logits
+from pipeline.models import ResNet9, create_model
 from pipeline.train import _make_optimizer, fit, validate
 
 NUM_CLASSES = 3
@@ -163,7 +163,13 @@ def test_crop_flip_is_a_shifted_and_maybe_mirrored_window_of_the_padded_image():
     offsets = range(2 * pad + 1)
     seen = set()
     for i in range(len(x)):
-        matches = [(dy, dx, f) for dy in offsets for dx in offsets for f in (False, True) if torch.equal(out[i], window(i, dy, dx, f))]
+        matches = [
+            (dy, dx, f)
+            for dy in offsets
+            for dx in offsets
+            for f in (False, True)
+            if torch.equal(out[i], window(i, dy, dx, f))
+        ]
         assert matches, f"image {i} is not a window of its padded original"
         seen.update(matches)
     assert {f for _, _, f in seen} == {False, True}
@@ -175,7 +181,9 @@ def test_batches_are_float_nchw_in_channels_last_memory(augment):
     data = tiny_set(20)
     g = torch.Generator().manual_seed(0)
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
-    batches = list(iter_train_batches(images, labels, 8, augment, g)) + [(x, None) for x in iter_eval_batches(images, 8)]
+    batches = list(iter_train_batches(images, labels, 8, augment, g)) + [
+        (x, None) for x in iter_eval_batches(images, 8)
+    ]
     for x, _ in batches:
         assert x.dtype == torch.float32 and x.shape[1:] == (3, SIZE, SIZE)
         assert x.is_contiguous(memory_format=torch.channels_last)
@@ -184,7 +192,9 @@ def test_batches_are_float_nchw_in_channels_last_memory(augment):
 def test_fit_runs_the_model_in_channels_last():
     net = tiny_net()
     inputs = []
-    net.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    net.register_forward_pre_hook(
+        lambda _m, args: inputs.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     fit(net, tiny_set(), tiny_set(12, seed=1), tiny_cfg(epochs=1), NUM_CLASSES)
     assert inputs and all(inputs)
     assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)

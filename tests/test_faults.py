@@ -309,7 +309,7 @@ def test_outage_message_keeps_the_checkpoint_and_gives_the_resume_command(tmp_pa
     Path(ckpt).write_bytes(b"weights")
     line = preflight.outage_message("http://mlflow:5000", "pretrain", run_id, ckpt, epoch=3)
     assert "\n" not in line
-    assert line.startswith(f"lost the tracking server http://mlflow:5000 for longer than MLflow retries")
+    assert line.startswith("lost the tracking server http://mlflow:5000 for longer than MLflow retries")
     assert line.endswith(f"pretrain run {run_id} stopped after epoch 3, its checkpoint is kept at {ckpt}; once the "
                          f"server answers: mlflow artifacts log-artifact --local-file {ckpt} --run-id {run_id} "
                          "--artifact-path "
@@ -358,9 +358,13 @@ def test_pretrain_refuses_to_start_when_the_model_cannot_be_stored(store, monkey
     from pipeline.runners import run_train
 
     data = _tiny_dataset(store)
-    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(
+        preflight.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
+    )
     with pytest.raises(PipelineError, match=r"has 1.0 KB free, but this run will write about"):
-        run_train(TrainConfig(data=data, arch="resnet9", epochs=1, batch_size=32, precision="fp32", device="cpu"), "pretrain")
+        run_train(
+            TrainConfig(data=data, arch="resnet9", epochs=1, batch_size=32, precision="fp32", device="cpu"), "pretrain"
+        )
     failed = mlflow.search_runs(filter_string="tags.`pipeline.step` = 'pretrain'", output_format="list")
     assert [r.info.status for r in failed] == ["FAILED"]
     assert not failed[0].data.metrics  # refused before the first epoch

@@ -244,11 +244,19 @@ def test_the_core_imports_without_mlflow_and_optuna():
 
 def test_gpu_check_runs_tiny_on_the_cpu_without_mlflow_or_optuna(tmp_path):
     """BENCH_TINY=1 bash benchmarks/gpu_check.sh, with mlflow and optuna made unimportable."""
-    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['mlflow'] = None\nsys.modules['optuna'] = None\n")
-    env = {**os.environ, "BENCH_TINY": "1", "OUT": str(tmp_path / "out"), "PY": sys.executable,
-           "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['mlflow'] = None\nsys.modules['optuna'] = None\n"
+    )
+    env = {
+        **os.environ,
+        "BENCH_TINY": "1",
+        "OUT": str(tmp_path / "out"),
+        "PY": sys.executable,
+        "PYTHONPATH": str(tmp_path),
+    }
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-2000:] + (tmp_path / "out" / "gpu_check.log").read_text()[-2000:]
     records = [json.loads(line) for line in (tmp_path / "out" / "gpu_check.jsonl").read_text().splitlines()]
     assert [r["section"] for r in records] == ["system", "warmup", "throughput", "recipe"]
@@ -260,6 +268,7 @@ def test_gpu_check_stops_when_no_gpu_is_visible(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "BENCH_TINY": "0"}
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 1 and "sees no CUDA GPU" in (tmp_path / "gpu_check.log").read_text()

@@ -44,7 +44,11 @@ def test_sigterm_then_resume_matches_uninterrupted(experiment):
     deadline = time.time() + 300
     run_id = None
     while time.time() < deadline:
-        runs = [r for r in mlflow.search_runs([experiment], output_format="list") if r.info.run_id != full_id and r.data.tags.get("pipeline.step") == "pretrain"]
+        runs = [
+            r
+            for r in mlflow.search_runs([experiment], output_format="list")
+            if r.info.run_id != full_id and r.data.tags.get("pipeline.step") == "pretrain"
+        ]
         if runs and len(_history(runs[0].info.run_id)) >= 2:
             run_id = runs[0].info.run_id
             break

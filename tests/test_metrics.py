@@ -12,7 +12,12 @@ def _by_hand(y, p, k):
         fn = np.sum((p != c) & (y == c))
         pc = tp / (tp + fp) if tp + fp else 0.0
         rc = tp / (tp + fn) if tp + fn else 0.0
-        prec.append(pc), rec.append(rc), f1.append(2 * pc * rc / (pc + rc) if pc + rc else 0.0), sup.append(np.sum(y == c))
+        (
+            prec.append(pc),
+            rec.append(rc),
+            f1.append(2 * pc * rc / (pc + rc) if pc + rc else 0.0),
+            sup.append(np.sum(y == c)),
+        )
     w = np.array(sup) / len(y)
     return np.mean(prec), np.mean(rec), np.mean(f1), float(np.dot(w, f1)), prec
 

@@ -102,5 +102,7 @@ def test_imagenet_weights_offline_give_one_clear_line(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(PipelineError, match=r"resnet18-f37072fd.pth into \$TORCH_HOME/hub/checkpoints/ .* or use weights=none"):
+    with pytest.raises(
+        PipelineError, match=r"resnet18-f37072fd.pth into \$TORCH_HOME/hub/checkpoints/ .* or use weights=none"
+    ):
         create_model("resnet18", 5, weights="imagenet")

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +22,9 @@ _env = subprocess_env
 
 def _cli(step, *args):
     env = _env()
-    return subprocess.run([sys.executable, "-m", f"steps.{step}", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"steps.{step}", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_every_entry_point_parameter_is_a_command_option():
@@ -59,28 +62,48 @@ def test_bad_parameter_is_one_line_no_traceback_exit_2():
 def test_unknown_run_id_fails_the_run(tmp_path):
     env_uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = _env(MLFLOW_TRACKING_URI=env_uri)
-    r = subprocess.run([sys.executable, "-m", "steps.evaluate", "--model", "f" * 32, "--data", "e" * 32, "--device", "cpu"],
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "steps.evaluate", "--model", "f" * 32, "--data", "e" * 32, "--device", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert f"error: no MLflow run '{'f' * 32}'" in r.stderr
     runs = mlflow.MlflowClient(tracking_uri=env_uri).search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=env_uri).search_experiments()])
+        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=env_uri).search_experiments()]
+    )
     assert [run.info.status for run in runs] == ["FAILED"]
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--source", "/nonexistent/images"], "data source '/nonexistent/images' does not exist"),
-    (["--source", "digits", "--val-fraction", "1.5"], "val_fraction=1.5 is out of range"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--source", "/nonexistent/images"], "data source '/nonexistent/images' does not exist"),
+        (["--source", "digits", "--val-fraction", "1.5"], "val_fraction=1.5 is out of range"),
+    ],
+)
 def test_prepare_data_bad_input(args, fragment, tmp_path):
     env = _env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    r = subprocess.run([sys.executable, "-m", "steps.prepare_data", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "steps.prepare_data", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr
 
 
 def test_main_defaults_are_the_mlproject_defaults():
-    """`mlflow run .` passes every parameter, so a default in one place and not the other would split the two ways in."""
+    (
+        "`mlflow run .` passes every parameter, so a default in one place and not the other "
+        "would split the two ways in."
+    )
     from pipeline.chain import MainConfig
 
     params = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]["parameters"]

@@ -87,6 +87,10 @@ def test_register_as_without_a_test_split_fails_before_training(trained, experim
                       register_as="never-registered", **CPU)
     with pytest.raises(PipelineError, match="re-run prepare_data with test_fraction > 0"):
         run_train(cfg, "finetune")
-    (run,) = [r for r in mlflow.search_runs([experiment], output_format="list") if r.data.tags.get("pipeline.step") == "finetune"]
+    (run,) = [
+        r
+        for r in mlflow.search_runs([experiment], output_format="list")
+        if r.data.tags.get("pipeline.step") == "finetune"
+    ]
     assert run.info.status == "FAILED" and "train_loss" not in run.data.metrics  # stopped before the first epoch
     assert not MlflowClient().search_model_versions("name='never-registered'")

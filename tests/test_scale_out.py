@@ -55,15 +55,18 @@ def _trial_with_checkpoint(client: MlflowClient, experiment_id: str, timeout: fl
     """The first running trial run that has uploaded a resumable checkpoint."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for run in client.search_runs([experiment_id], "tags.`pipeline.step` = 'finetune' and attributes.status = 'RUNNING'"):
+        for run in client.search_runs(
+            [experiment_id], "tags.`pipeline.step` = 'finetune' and attributes.status = 'RUNNING'"
+        ):
             if any(a.path.endswith("last.pt") for a in client.list_artifacts(run.info.run_id, "checkpoints")):
                 return run
         time.sleep(0.3)
     raise AssertionError("no trial uploaded a checkpoint in time")
 
 
-def _check_study_survived_the_kill(study: optuna.Study, client: MlflowClient, experiment_id: str, dead_run_id: str,
-                                   n_trials: int) -> None:
+def _check_study_survived_the_kill(
+    study: optuna.Study, client: MlflowClient, experiment_id: str, dead_run_id: str, n_trials: int
+) -> None:
     """Exactly n_trials finished; the dead trial is FAIL with its run FAILED; its retry finished,
     continuing the dead run's checkpoint; every trial's run is nested under the one parent."""
     trials = study.get_trials(deepcopy=False)
@@ -113,12 +116,16 @@ def test_sigkilled_worker_trial_is_retried_from_its_checkpoint(digits, store):
 
 # --- PostgreSQL and a tracking server -------------------------------------------------------
 
+
 def _postgres_or_skip() -> str:
     psycopg = pytest.importorskip("psycopg")
     try:
         psycopg.connect(POSTGRES, connect_timeout=3).close()
     except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {POSTGRES} ({str(exc).strip()}); run `.ci/postgres.sh` as root or set PIPELINE_TEST_POSTGRES")
+        pytest.skip(
+            f"no PostgreSQL at {POSTGRES} ({str(exc).strip()}); run `.ci/postgres.sh` as root or set "
+            "PIPELINE_TEST_POSTGRES"
+        )
     return POSTGRES
 
 
@@ -141,8 +148,24 @@ def _tracking_server(backend_uri: str, artifacts: Path, log: Path):
     from tests.test_serving import _free_port, _start_server, _stop
 
     port = _free_port()
-    proc = _start_server(["server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-                          "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], "/health", port, log)
+    proc = _start_server(
+        [
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        "/health",
+        port,
+        log,
+    )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -152,8 +175,11 @@ def _tracking_server(backend_uri: str, artifacts: Path, log: Path):
 @pytest.mark.slow
 def test_three_workers_share_a_postgres_study_through_a_tracking_server(digits, tmp_path):
     base = _postgres_or_skip()
-    with _database(base) as optuna_db, _database(base) as mlflow_db, \
-            _tracking_server(mlflow_db, tmp_path / "artifacts", tmp_path / "server.log") as server:
+    with (
+        _database(base) as optuna_db,
+        _database(base) as mlflow_db,
+        _tracking_server(mlflow_db, tmp_path / "artifacts", tmp_path / "server.log") as server,
+    ):
         client = MlflowClient(tracking_uri=server)
         experiment_id = client.create_experiment("scale-out")
         env = _env(server, "scale-out")

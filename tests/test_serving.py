@@ -51,7 +51,9 @@ def _http(url: str, body: dict | str | None = None) -> tuple[int, bytes]:
 def _start_server(args: list[str], ready_path: str, port: int, log: Path) -> subprocess.Popen:
     """Start a server on 127.0.0.1:port and wait until ready_path answers 200."""
     out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", *args], cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", *args], cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -125,7 +127,14 @@ def image_files(test_split, tmp_path) -> list[str]:
 
 
 def _make_request(files: list[str], tmp_path: Path) -> Path:
-    done = subprocess.run([sys.executable, "-m", "steps.make_request", *files], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.make_request", *files],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     path = tmp_path / "request.json"
     path.write_text(done.stdout)
@@ -135,7 +144,14 @@ def _make_request(files: list[str], tmp_path: Path) -> Path:
 def test_make_request_refuses_a_file_that_is_not_an_image(tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
-    done = subprocess.run([sys.executable, "-m", "steps.make_request", str(bad)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.make_request", str(bad)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "cannot read image" in done.stderr and "Traceback" not in done.stderr
 
@@ -144,11 +160,27 @@ def test_make_request_refuses_a_file_that_is_not_an_image(tmp_path):
 def test_mlflow_models_serve_answers_http_requests(trained, test_split, image_files, tmp_path):
     _, class_names = test_split
     expected = mlflow.pyfunc.load_model(f"runs:/{trained.finetune}/model").predict(
-        np.stack([np.asarray(Image.open(p).convert("RGB")) for p in image_files]))
+        np.stack([np.asarray(Image.open(p).convert("RGB")) for p in image_files])
+    )
     request = _make_request(image_files, tmp_path)
     port = _free_port()
-    proc = _start_server(["models", "serve", "-m", f"runs:/{trained.finetune}/model", "--env-manager", "local",
-                          "-h", "127.0.0.1", "-p", str(port)], "/ping", port, tmp_path / "serve.log")
+    proc = _start_server(
+        [
+            "models",
+            "serve",
+            "-m",
+            f"runs:/{trained.finetune}/model",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        "/ping",
+        port,
+        tmp_path / "serve.log",
+    )
     try:
         status, body = _http(f"http://127.0.0.1:{port}/invocations", request.read_text())
         assert status == 200, body
@@ -168,9 +200,30 @@ def test_mlflow_models_serve_answers_http_requests(trained, test_split, image_fi
 def test_mlflow_models_predict_cli(trained, image_files, tmp_path):
     request = _make_request(image_files, tmp_path)
     out = tmp_path / "predictions.json"
-    done = subprocess.run([sys.executable, "-m", "mlflow", "models", "predict", "-m", f"runs:/{trained.finetune}/model",
-                           "-i", str(request), "-t", "json", "-o", str(out), "--env-manager", "local"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "predict",
+            "-m",
+            f"runs:/{trained.finetune}/model",
+            "-i",
+            str(request),
+            "-t",
+            "json",
+            "-o",
+            str(out),
+            "--env-manager",
+            "local",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     predictions = json.loads(out.read_text())["predictions"]
     assert len(predictions) == len(image_files) and all("class_name" in p for p in predictions)
@@ -179,11 +232,27 @@ def test_mlflow_models_predict_cli(trained, image_files, tmp_path):
 @pytest.mark.slow
 def test_tracking_server_serves_runs_metrics_and_confusion_matrix(trained, tmp_path):
     port = _free_port()
-    proc = _start_server(["server", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"], "--host", "127.0.0.1",
-                          "--port", str(port), "--workers", "1"], "/health", port, tmp_path / "server.log")
+    proc = _start_server(
+        [
+            "server",
+            "--backend-store-uri",
+            os.environ["MLFLOW_TRACKING_URI"],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        "/health",
+        port,
+        tmp_path / "server.log",
+    )
     base = f"http://127.0.0.1:{port}"
     try:
-        status, body = _http(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [trained.experiment_id], "max_results": 100})
+        status, body = _http(
+            f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [trained.experiment_id], "max_results": 100}
+        )
         assert status == 200, body
         runs = {r["info"]["run_id"]: r for r in json.loads(body)["runs"]}
         assert {trained.prepare, trained.pretrain, trained.finetune, trained.evaluate} <= set(runs)
@@ -198,12 +267,18 @@ def test_tracking_server_serves_runs_metrics_and_confusion_matrix(trained, tmp_p
         assert status == 200, body
         files = {f["path"] for f in json.loads(body)["files"]}
         assert {"evaluation/test_confusion_matrix.csv", "evaluation/test_confusion_matrix.png"} <= files
-        status, body = _http(f"{base}/get-artifact?path=evaluation/test_confusion_matrix.csv&run_uuid={trained.evaluate}")
+        status, body = _http(
+            f"{base}/get-artifact?path=evaluation/test_confusion_matrix.csv&run_uuid={trained.evaluate}"
+        )
         assert status == 200
-        local_csv = Path(mlflow.artifacts.download_artifacts(f"runs:/{trained.evaluate}/evaluation/test_confusion_matrix.csv")).read_text()
+        local_csv = Path(
+            mlflow.artifacts.download_artifacts(f"runs:/{trained.evaluate}/evaluation/test_confusion_matrix.csv")
+        ).read_text()
         assert body.decode() == local_csv
         rows = [line.split(",") for line in local_csv.strip().splitlines()[1:]]
-        assert sum(int(v) for row in rows for v in row[1:]) == int(mlflow.get_run(trained.prepare).data.metrics["test_images"])
+        assert sum(int(v) for row in rows for v in row[1:]) == int(
+            mlflow.get_run(trained.prepare).data.metrics["test_images"]
+        )
     finally:
         _stop(proc)
 

@@ -6,10 +6,10 @@ from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import crop_flip
 from pipeline.data.sources import load_digits
-from pipeline.errors import PipelineError
-from pipeline.models import create_model
 from pipeline.device import resolve_amp_dtype, resolve_device
 from pipeline.distributed import SINGLE, World
+from pipeline.errors import PipelineError
+from pipeline.models import create_model
 from pipeline.train import NonFiniteLossError, fit, scaled_loss, seed_everything
 
 CPU = dict(device="cpu", precision="fp32", batch_size=64, augment="none")
@@ -38,7 +38,17 @@ def test_fit_learns_and_reports_every_epoch(digits):
     net = create_model("resnet18", 10)
     result = fit(net, train, val, cfg, 10, on_epoch=lambda e, m: seen.append((e, m)))
     assert [e for e, _ in seen] == [1, 2, 3]
-    keys = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro", "lr", "images_per_sec"}
+    keys = {
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "val_precision_macro",
+        "val_recall_macro",
+        "val_f1_macro",
+        "lr",
+        "images_per_sec",
+    }
     assert all(set(m) == keys for _, m in seen)
     assert result.best_metrics["val_accuracy"] > 0.5  # 10 classes: chance is 0.1
     assert result.best_metrics["val_f1_macro"] == max(m["val_f1_macro"] for _, m in seen)
@@ -82,8 +92,17 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(digits, tmp_path):
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2
     # The keys are the checkpoint format: checkpoints written before a release must resume after it.
-    assert set(state) == {"model", "optimizer", "scheduler", "ema", "epoch", "best_value", "best_model", "history",
-                          "stale_epochs"}
+    assert set(state) == {
+        "model",
+        "optimizer",
+        "scheduler",
+        "ema",
+        "epoch",
+        "best_value",
+        "best_model",
+        "history",
+        "stale_epochs",
+    }
     resumed_net = create_model("resnet18", 10)
     resumed = fit(resumed_net, train, val, cfg, 10, resume_state=state)
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
@@ -102,7 +121,7 @@ def test_scaled_shard_losses_give_the_global_batch_mean_gradient(sizes):
     expected, w.grad = w.grad.clone(), None
     world, grads, start = World(size=2), [], 0
     for n in sizes:
-        loss, summed = scaled_loss(x[start:start + n] @ w, y[start:start + n], 0.1, sum(sizes), world)
+        loss, summed = scaled_loss(x[start : start + n] @ w, y[start : start + n], 0.1, sum(sizes), world)
         grads.append(torch.autograd.grad(loss, w)[0])
         start += n
     torch.testing.assert_close(sum(grads) / world.size, expected)

@@ -110,8 +110,14 @@ def test_study_nests_trials_prunes_fails_registers_and_resumes(digits, store):
     assert "2 complete, 1 pruned, 1 failed of n_trials=3" in note
     assert f"Best: trial {best.number}, val_f1_macro={best.value:.4f}" in note and best.user_attrs[ATTR_RUN_ID] in note
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
-    assert {"study/trials.csv", "study/best_trial.json", "study/optimization_history.png", "study/param_importances.png",
-            "study/parallel_coordinate.png", "study/intermediate_values.png"} <= artifacts
+    assert {
+        "study/trials.csv",
+        "study/best_trial.json",
+        "study/optimization_history.png",
+        "study/param_importances.png",
+        "study/parallel_coordinate.png",
+        "study/intermediate_values.png",
+    } <= artifacts
     table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/study/trials.csv")
     assert "user_attrs_mlflow_run_id" in table and table.count("\n") == 5
 
@@ -145,14 +151,42 @@ def test_study_nests_trials_prunes_fails_registers_and_resumes(digits, store):
 def test_two_workers_share_one_journal_study(digits, store):
     journal = Path(store) / "optuna-journal.log"
     cmd = [
-        sys.executable, "-m", "steps.tune", "--data", digits["data"], "--pretrained", digits["pretrained"],
-        "--study-name", "shared", "--storage", str(journal), "--n-trials", "4", "--epochs", "1",
-        "--sampler", "tpe", "--pruner", "none", "--seed", "0", "--batch-sizes", "32,64",
-        "--augment", "none", "--precision", "fp32", "--device", "cpu",
+        sys.executable,
+        "-m",
+        "steps.tune",
+        "--data",
+        digits["data"],
+        "--pretrained",
+        digits["pretrained"],
+        "--study-name",
+        "shared",
+        "--storage",
+        str(journal),
+        "--n-trials",
+        "4",
+        "--epochs",
+        "1",
+        "--sampler",
+        "tpe",
+        "--pruner",
+        "none",
+        "--seed",
+        "0",
+        "--batch-sizes",
+        "32,64",
+        "--augment",
+        "none",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
     ]
     mlflow.search_experiments()  # create the store's tables first: two processes migrating one new SQLite file collide
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    workers = [subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n\n".join(outputs)
 
@@ -179,15 +213,41 @@ def test_mlflow_run_entry_point_resumes_under_the_first_launch(digits, store):
 
     def launch(n_trials: int) -> str:
         cmd = [
-            sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "-e", "tune", "--env-manager", "local",
-            "-P", f"data={digits['data']}", "-P", f"pretrained={digits['pretrained']}", "-P", "study_name=mlrun",
-            "-P", f"storage={journal}", "-P", f"n_trials={n_trials}", "-P", "epochs=1", "-P", "frozen_min=4",
-            "-P", "augment=none", "-P", "precision=fp32", "-P", "device=cpu", "-P", "batch_sizes=32",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(PROJECT_ROOT),
+            "-e",
+            "tune",
+            "--env-manager",
+            "local",
+            "-P",
+            f"data={digits['data']}",
+            "-P",
+            f"pretrained={digits['pretrained']}",
+            "-P",
+            "study_name=mlrun",
+            "-P",
+            f"storage={journal}",
+            "-P",
+            f"n_trials={n_trials}",
+            "-P",
+            "epochs=1",
+            "-P",
+            "frozen_min=4",
+            "-P",
+            "augment=none",
+            "-P",
+            "precision=fp32",
+            "-P",
+            "device=cpu",
+            "-P",
+            "batch_sizes=32",
         ]
         path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # the command's `python`
         env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-        done = subprocess.run(cmd, cwd=store, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd, cwd=store, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout + done.stderr
 
@@ -251,7 +311,9 @@ def test_resuming_with_other_batch_sizes_is_refused(digits, store):
     trial = study.ask()
     trial.suggest_categorical("batch_size", [16, 32])
     study.tell(trial, 0.5)
-    with pytest.raises(PipelineError, match="study 's' draws batch_size from 16,32, not batch_sizes=32,64; pass batch_sizes=16,32"):
+    with pytest.raises(
+        PipelineError, match="study 's' draws batch_size from 16,32, not batch_sizes=32,64; pass batch_sizes=16,32"
+    ):
         run_study(TuneConfig(**digits, study_name="s", storage=storage, batch_sizes="32,64", **CPU))
     assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1  # no trial was started
 
@@ -290,7 +352,16 @@ def test_tune_help_lists_the_search_space():
     from steps.tune import main
 
     out = CliRunner().invoke(main, ["--help"]).output
-    for flag in ("--n-trials", "--storage", "--lr-min", "--batch-sizes", "--frozen-max", "--register-as", "--pruner", "--sampler"):
+    for flag in (
+        "--n-trials",
+        "--storage",
+        "--lr-min",
+        "--batch-sizes",
+        "--frozen-max",
+        "--register-as",
+        "--pruner",
+        "--sampler",
+    ):
         assert flag in out
 
 

@@ -17,8 +17,31 @@ from pipeline.errors import PipelineError
 from pipeline.run_checkpoints import CHECKPOINT_DIR, CheckpointUploads
 from pipeline.runners import run_evaluate, run_train
 
-TRAIN_PARAMS = {"data", "arch", "weights", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "label_smoothing", "precision", "device", "seed"}
-EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro", "lr", "images_per_sec"}
+TRAIN_PARAMS = {
+    "data",
+    "arch",
+    "weights",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "label_smoothing",
+    "precision",
+    "device",
+    "seed",
+}
+EPOCH_METRICS = {
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_precision_macro",
+    "val_recall_macro",
+    "val_f1_macro",
+    "lr",
+    "images_per_sec",
+}
 
 
 def _artifacts(run_id, path=""):
@@ -91,7 +114,10 @@ def test_evaluate_metrics_equal_sklearn_on_independent_predictions(trained):
     p, r, f, _ = precision_recall_fscore_support(test.labels, pred, labels=list(range(10)), zero_division=0)
     assert [m[f"test_f1_{c}"] for c in range(10)] == pytest.approx(list(f))
     arts = _artifacts(trained.evaluate, "evaluation")
-    assert {f"evaluation/test_{n}" for n in ("per_class.csv", "classification_report.txt", "confusion_matrix.png", "confusion_matrix.csv")} <= arts
+    assert {
+        f"evaluation/test_{n}"
+        for n in ("per_class.csv", "classification_report.txt", "confusion_matrix.png", "confusion_matrix.csv")
+    } <= arts
 
 
 def test_evaluate_scores_a_users_image_folder(trained, tmp_path, experiment):
@@ -102,7 +128,9 @@ def test_evaluate_scores_a_users_image_folder(trained, tmp_path, experiment):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(test.images[i]).save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    run_id = run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "mine"), device="cpu", precision="fp32"))
+    run_id = run_evaluate(
+        EvaluateConfig(model=trained.finetune, data=str(tmp_path / "mine"), device="cpu", precision="fp32")
+    )
     m = mlflow.get_run(run_id).data.metrics
     # The 40 images (PNG is lossless, and already at the model's size) scored as the model scores them.
     pred = mlflow.pyfunc.load_model(f"runs:/{trained.finetune}/model").predict(test.images[:40])["class_name"]
@@ -134,7 +162,9 @@ def test_evaluate_scores_an_archive_holding_only_a_test_split(trained, tmp_path,
         tar.add(tmp_path / "dump", arcname="cifar-like")
     run_id = run_evaluate(EvaluateConfig(model=trained.finetune, data=str(archive), device="cpu", precision="fp32"))
     m = mlflow.get_run(run_id).data.metrics
-    assert m["test_accuracy"] == pytest.approx(_model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names))
+    assert m["test_accuracy"] == pytest.approx(
+        _model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names)
+    )
     assert m["skipped_files"] == 0
 
 
@@ -144,10 +174,15 @@ def test_evaluate_scores_the_test_split_of_a_tree_with_train_and_test(trained, t
     _write_pngs(tmp_path / "tree" / "test", test.images[:30], test.labels[:30], names)
     (tmp_path / "tree" / "train" / "0").mkdir(parents=True)
     (tmp_path / "tree" / "train" / "0" / "broken.png").write_bytes(b"\x89PNG not really")  # never decoded
-    run_id = run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "tree"), device="cpu",
-                                         precision="fp32", on_bad_image="fail"))
+    run_id = run_evaluate(
+        EvaluateConfig(
+            model=trained.finetune, data=str(tmp_path / "tree"), device="cpu", precision="fp32", on_bad_image="fail"
+        )
+    )
     m = mlflow.get_run(run_id).data.metrics
-    assert m["test_accuracy"] == pytest.approx(_model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names))
+    assert m["test_accuracy"] == pytest.approx(
+        _model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names)
+    )
     assert m["skipped_files"] == 0
 
 
@@ -167,7 +202,9 @@ def test_evaluate_names_the_splits_a_tree_has_when_the_one_asked_is_missing(trai
 
 
 def _last_run_status(experiment_id):
-    return mlflow.search_runs([experiment_id], output_format="list", order_by=["attributes.start_time DESC"])[0].info.status
+    return mlflow.search_runs([experiment_id], output_format="list", order_by=["attributes.start_time DESC"])[
+        0
+    ].info.status
 
 
 def test_unknown_run_id_fails_the_run_with_a_clear_message(experiment):
@@ -177,16 +214,25 @@ def test_unknown_run_id_fails_the_run_with_a_clear_message(experiment):
 
 
 def test_dataset_where_a_model_is_expected(trained, experiment):
-    with pytest.raises(PipelineError, match=f"run {trained.prepare} is a prepare_data run \\(a dataset\\), not a model; "
-                                            "pass a pretrain or finetune run id"):
+    with pytest.raises(
+        PipelineError,
+        match=f"run {trained.prepare} is a prepare_data run \\(a dataset\\), not a model; "
+        "pass a pretrain or finetune run id",
+    ):
         run_evaluate(EvaluateConfig(model=trained.prepare, data=trained.prepare, device="cpu"))
     assert _last_run_status(experiment) == "FAILED"
     # The reverse mistake, and a run that points at the one meant.
-    with pytest.raises(PipelineError, match=f"is a finetune run \\(a model\\), not a dataset; pass a prepare_data run id "
-                                            f"\\(dataset of this finetune run: runs:/{trained.prepare}/dataset\\)"):
+    with pytest.raises(
+        PipelineError,
+        match=f"is a finetune run \\(a model\\), not a dataset; pass a prepare_data run id "
+        f"\\(dataset of this finetune run: runs:/{trained.prepare}/dataset\\)",
+    ):
         run_train(TrainConfig(data=trained.finetune, epochs=1, device="cpu"), "pretrain")
     assert _last_run_status(experiment) == "FAILED"
-    with pytest.raises(PipelineError, match=f"is an evaluate run \\(test results\\), not a model; .*model of this evaluate run: {trained.finetune}"):
+    with pytest.raises(
+        PipelineError,
+        match=f"is an evaluate run \\(test results\\), not a model; .*model of this evaluate run: {trained.finetune}",
+    ):
         references.model_uri(trained.evaluate)
     with pytest.raises(PipelineError, match="is a dataset"):
         references.load_model_ref(f"runs:/{trained.prepare}/dataset")
@@ -194,15 +240,30 @@ def test_dataset_where_a_model_is_expected(trained, experiment):
 
 def test_pretrained_architecture_must_fit(trained, experiment):
     with pytest.raises(PipelineError, match="is a resnet18, not arch=resnet50; set arch=resnet18"):
-        run_train(TrainConfig(data=trained.prepare, pretrained=trained.pretrain, arch="resnet50", device="cpu"), "finetune")
+        run_train(
+            TrainConfig(data=trained.prepare, pretrained=trained.pretrain, arch="resnet50", device="cpu"), "finetune"
+        )
     assert _last_run_status(experiment) == "FAILED"
 
 
 def test_early_stopping_is_tagged_on_the_run(trained, experiment):
     # lr 1e-6 on the head only: val accuracy cannot improve after epoch 1, so patience=1 stops at epoch 2 of 4.
-    cfg = TrainConfig(data=trained.prepare, pretrained=trained.pretrain, arch="auto", frozen_layers=5, epochs=4, lr=1e-6,
-                      schedule="constant", patience=1, monitor="val_accuracy", batch_size=256, augment="none",
-                      precision="fp32", device="cpu", system_metrics=False)
+    cfg = TrainConfig(
+        data=trained.prepare,
+        pretrained=trained.pretrain,
+        arch="auto",
+        frozen_layers=5,
+        epochs=4,
+        lr=1e-6,
+        schedule="constant",
+        patience=1,
+        monitor="val_accuracy",
+        batch_size=256,
+        augment="none",
+        precision="fp32",
+        device="cpu",
+        system_metrics=False,
+    )
     run_id = run_train(cfg, "finetune")
     epochs_run = len(MlflowClient().get_metric_history(run_id, "val_accuracy"))
     assert epochs_run < 4
