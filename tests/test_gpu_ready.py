@@ -244,7 +244,8 @@ def test_the_core_imports_without_mlflow_and_optuna():
 
 def test_gpu_check_runs_tiny_on_the_cpu_without_mlflow_or_optuna(tmp_path):
     """BENCH_TINY=1 bash benchmarks/gpu_check.sh, with mlflow and optuna made unimportable."""
-    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['mlflow'] = None\nsys.modules['optuna'] = None\n")
+    blocker = "import sys\nsys.modules['mlflow'] = None\nsys.modules['optuna'] = None\n"
+    (tmp_path / "sitecustomize.py").write_text(blocker)
     env = {**os.environ, "BENCH_TINY": "1", "OUT": str(tmp_path / "out"), "PY": sys.executable,
            "PYTHONPATH": str(tmp_path)}
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
