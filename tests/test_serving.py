@@ -295,3 +295,50 @@ def test_models_logged_before_the_pyfunc_still_load(trained, tmp_path):
     state, meta = references.load_model_ref(str(old))
     current, _ = references.load_model_ref(trained.finetune)
     assert meta["arch"] == "resnet18" and all(torch.equal(state[k], current[k]) for k in current)
+
+
+def _in_process_pyfunc(image_size: int = 8):
+    """The pyfunc's predict with a small network, without logging a model."""
+    from pipeline.models import ImageClassifier
+    from pipeline.serving import ImageClassifierModel
+
+    torch.manual_seed(0)
+    model = ImageClassifierModel()
+    model.meta = {"class_names": ["a", "b", "c"]}
+    model.device = torch.device("cpu")
+    model.classifier = ImageClassifier(create_model("resnet9", 3), ["a", "b", "c"], image_size).eval()
+    return model
+
+
+def _old_path_probabilities(classifier, images: np.ndarray) -> np.ndarray:
+    """What the pyfunc computed before resizing first: normalize the full-size floats, then resize."""
+    x = torch.from_numpy(images).float()
+    x = ((x - torch.from_numpy(MEAN) * 255) / (torch.from_numpy(STD) * 255)).permute(0, 3, 1, 2)
+    size = classifier.image_size
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        return torch.softmax(classifier.net(x.contiguous(memory_format=torch.channels_last)), 1).numpy()
+
+
+@pytest.mark.parametrize("shape", [(5, 8, 8), (4, 40, 24), (3, 5, 7), (2, 64, 64)])
+def test_pyfunc_resizing_first_predicts_what_normalizing_first_did(shape):
+    model = _in_process_pyfunc()
+    n, h, w = shape
+    images = np.random.default_rng(h * w).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    probs = model.predict(None, images)[["prob_a", "prob_b", "prob_c"]].to_numpy()
+    np.testing.assert_allclose(probs, _old_path_probabilities(model.classifier, images), rtol=1e-4, atol=1e-6)
+
+
+def test_pyfunc_splits_large_images_into_batches_by_pixel_count(monkeypatch):
+    from pipeline import serving
+
+    assert serving.predict_batch_rows(4000, 3000) == 1 and serving.predict_batch_rows(32, 32) == serving.PREDICT_BATCH
+    model = _in_process_pyfunc()
+    batches = []
+    model.classifier.net.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    monkeypatch.setattr(serving, "PREDICT_PIXELS", 3 * 64 * 48)  # three 64 x 48 images per forward pass
+    out = model.predict(None, np.zeros((7, 64, 48, 3), np.uint8))
+    assert batches == [3, 3, 1] and len(out) == 7
+    batches.clear()
+    model.predict(None, np.zeros((7, 8, 8, 3), np.uint8))  # small images: one pass (at most PREDICT_BATCH)
+    assert batches == [7]
