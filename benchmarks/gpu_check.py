@@ -186,8 +186,8 @@ def main(argv=None) -> None:
         batch = args.batch_size if case.arch == "resnet9" else 256
         images, labels = throughput_images(train, (case.warmup + case.steps) * batch)
         reset_peak(device)
-        record = compare(case, images, labels, batch, args.rounds, args.device, args.precision)
-        emit(args.out, {"section": "throughput", **record, "peak_gpu_mb": peak_memory_mb(device)})
+        for record in compare(case, images, labels, batch, args.rounds, args.device, (args.precision,)):
+            emit(args.out, {"section": "throughput", **record, "peak_gpu_mb": peak_memory_mb(device)})
     emit(args.out, measure_recipe(args, train, val, classes, device))
 
 
