@@ -6,6 +6,7 @@ Reads MLflow only; pipeline.tracking writes what is read here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -80,6 +81,33 @@ def download(uri: str, what: str) -> str:
                             "check the run id or URI") from exc
 
 
+# --- loading once per worker ---
+
+_shared: dict | None = None  # a reusing_loads() block's loaded references
+
+
+@contextlib.contextmanager
+def reusing_loads():
+    """Within this block each dataset or model reference is downloaded and verified once: every trial
+    of a tune worker trains on the same dataset from the same pretrained model. Artifacts of a run do
+    not change once logged; callers copy what they modify (load_state_dict copies the weights)."""
+    global _shared
+    outer = _shared
+    _shared = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+def _reused(key: tuple, load):
+    if _shared is None:
+        return load()
+    if key not in _shared:
+        _shared[key] = load()
+    return _shared[key]
+
+
 # --- datasets -----------------------------------------------------------------------------
 
 def dataset_uri(ref: str) -> str:
@@ -98,9 +126,11 @@ def fetch_dataset_dir(ref: str) -> str:
 
 def load_dataset_ref(ref: str, splits=("train", "val", "test")):
     """Download (or open) and verify a dataset artifact; returns (DatasetSplits, manifest, uri)."""
-    path = fetch_dataset_dir(ref)
-    ds, manifest = load_dataset(path, splits)
-    return ds, manifest, dataset_uri(ref)
+    def load():
+        ds, manifest = load_dataset(fetch_dataset_dir(ref), splits)
+        return ds, manifest, dataset_uri(ref)
+
+    return _reused(("dataset", ref, tuple(splits)), load)
 
 
 # --- models -------------------------------------------------------------------------------
@@ -117,6 +147,11 @@ def model_uri(ref: str) -> str:
 def load_model_ref(ref: str) -> tuple[dict, dict]:
     """Fetch a logged model's weights and metadata: (state_dict, meta). meta has arch,
     num_classes, class_names, image_size, dropout and source_run_id."""
+    state, meta = _reused(("model", ref), lambda: _load_model(ref))
+    return state, dict(meta)
+
+
+def _load_model(ref: str) -> tuple[dict, dict]:
     uri = model_uri(ref)
     path = Path(download(uri, "model"))
     folder = path / MODEL_ARTIFACTS

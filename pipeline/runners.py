@@ -88,6 +88,7 @@ class TrialHooks:
     upload_checkpoints: bool = True
     upload_every: float = CHECKPOINT_UPLOAD_S
     start_from: str = ""
+    input_example: bool = True  # False: the model is logged without one (no reload by MLflow to check it)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
         result = _fit_uploading_checkpoints(inputs, step, resume_state, world, hooks)
         if not main:
             return None
-        log_training_outputs(inputs, step, result, run.info.run_id, device)
+        log_training_outputs(inputs, step, result, run.info.run_id, device, hooks.input_example)
     if not inputs.cfg.keep_checkpoint:  # the run ended FINISHED: nothing will resume it
         delete_checkpoints(run.info.run_id)
     return run.info.run_id
@@ -282,7 +283,8 @@ def _remove_local_checkpoint(ckpt: str | None) -> None:
         shutil.rmtree(os.path.dirname(ckpt), ignore_errors=True)
 
 
-def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, run_id: str, device) -> None:
+def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, run_id: str, device,
+                         input_example: bool = True) -> None:
     """Best-epoch metrics, whether early stopping ended it, the model, the description, and registration."""
     cfg, ds, net = inputs.cfg, inputs.ds, inputs.net
     best_val = {f"best_{k}": v for k, v in result.best_metrics.items() if k.startswith("val_")}
@@ -291,7 +293,7 @@ def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, r
     meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names,
             "image_size": ds.image_size, "dropout": cfg.dropout}
     sample = ds.splits["val"].images[:2]
-    tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample)
+    tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample, input_example)
     best = result.best_metrics
     tracking.set_note(f"{step} {cfg.arch} on `{inputs.data_uri}`{inputs.origin}, {cfg.epochs} epochs at lr {cfg.lr:g}. "
                       f"Best epoch {result.best_epoch}: val accuracy {best.get('val_accuracy', float('nan')):.4f}, "

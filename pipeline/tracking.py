@@ -100,10 +100,13 @@ def log_dataset_input(manifest: dict, uri: str, context: str) -> None:
     mlflow.log_input(_meta_dataset(manifest, uri), context=context)
 
 
-def log_model(classifier: torch.nn.Module, meta: dict, sample: np.ndarray) -> str:
+def log_model(classifier: torch.nn.Module, meta: dict, sample: np.ndarray, with_example: bool = True) -> str:
     """Log the trained network as a pyfunc (pipeline.serving.ImageClassifierModel): uint8 images
     (N, H, W, 3) of any size in, class names and probabilities out. Its artifacts are the plain state
-    dict and metadata, which later steps load with weights_only=True and no unpickling."""
+    dict and metadata, which later steps load with weights_only=True and no unpickling.
+
+    with_example=False logs no input example: MLflow then skips loading the saved model again to
+    predict it (about a second a model on a CPU), which tuning trials leave out."""
     classifier = classifier.cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, WEIGHTS_FILE)
@@ -122,7 +125,7 @@ def log_model(classifier: torch.nn.Module, meta: dict, sample: np.ndarray) -> st
             python_model=str(PROJECT_ROOT / "pipeline" / "pyfunc_model.py"),
             artifacts={WEIGHTS_ARTIFACT: weights, META_ARTIFACT: meta_path},
             signature=signature,
-            input_example=sample,
+            input_example=sample if with_example else None,
             code_paths=[str(PROJECT_ROOT / "pipeline")],
             pip_requirements=_pinned_requirements(),
         )

@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.references import dataset_uri, model_uri
+from pipeline.references import dataset_uri, model_uri, reusing_loads
 from pipeline.run_checkpoints import delete_checkpoints, has_checkpoint
 from pipeline.runners import TrialHooks, run_train
 from pipeline.study_storage import GRACE_BEATS, has_heartbeats, open_storage, storage_identity
@@ -253,6 +253,7 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
                     upload_checkpoints=heartbeats,
                     upload_every=cfg.heartbeat,
                     start_from=start_from,
+                    input_example=False,
                 ),
             )
             seen["run_id"] = run_id
@@ -363,7 +364,8 @@ def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult
     with parent_run(parent_id):
         log_study_params(parent_id, cfg, log)
         log_study_dataset(cfg)
-        mine = run_trials(study, cfg, log)
+        with reusing_loads():  # every trial trains on the same data from the same model: load them once
+            mine = run_trials(study, cfg, log)
         log_summary(study, cfg, trial_counts(study), log)
         version = register_best(study, cfg, log) if is_registrar(study, mine, started) else None
     result = TuneResult(cfg.study_name, parent_id, mine, trial_counts(study), registered_version=version)

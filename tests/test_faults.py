@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.exceptions import MlflowException
 
-from pipeline import preflight, tracking
+from pipeline import preflight, run_checkpoints, tracking
 from pipeline.errors import PipelineError
 from pipeline.models import create_model
 from steps._cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, handle_errors
@@ -301,7 +301,7 @@ def test_outage_message_keeps_the_checkpoint_and_gives_the_resume_command(tmp_pa
     monkeypatch.chdir(tmp_path)
     run_id = "0123456789abcdef0123456789abcdef"
     ckpt = preflight.kept_checkpoint_path(run_id)
-    assert ckpt == str(tmp_path / ".pipeline" / "checkpoints" / run_id / tracking.LAST_CHECKPOINT)
+    assert ckpt == str(tmp_path / ".pipeline" / "checkpoints" / run_id / run_checkpoints.LAST_CHECKPOINT)
     line = preflight.outage_message("http://mlflow:5000", "pretrain", run_id, ckpt, epoch=3)
     assert "before its first epoch ended, nothing to resume" in line  # no file there yet
 
@@ -313,19 +313,19 @@ def test_outage_message_keeps_the_checkpoint_and_gives_the_resume_command(tmp_pa
     assert line.endswith(f"pretrain run {run_id} stopped after epoch 3, its checkpoint is kept at {ckpt}; once the "
                          f"server answers: mlflow artifacts log-artifact --local-file {ckpt} --run-id {run_id} "
                          "--artifact-path "
-                         f"{tracking.CHECKPOINT_DIR} && python -m steps.pretrain --resume {run_id}")
+                         f"{run_checkpoints.CHECKPOINT_DIR} && python -m steps.pretrain --resume {run_id}")
 
 
 def test_resume_command_puts_the_checkpoint_where_resume_reads_it(store, tmp_path):
     """The first half of the printed command, run for real: resume then finds the file where it looks."""
     run_id = mlflow.MlflowClient().create_run(mlflow.set_experiment("outage").experiment_id).info.run_id
-    ckpt = tmp_path / tracking.LAST_CHECKPOINT
+    ckpt = tmp_path / run_checkpoints.LAST_CHECKPOINT
     ckpt.write_bytes(b"last epoch")
     upload = preflight.resume_command("pretrain", run_id, str(ckpt)).split(" && ")[0].split()
     done = subprocess.run([MLFLOW, *upload[1:]], env=subprocess_env(MLFLOW_TRACKING_URI=mlflow.get_tracking_uri()),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert tracking.has_checkpoint(run_id)
+    assert run_checkpoints.has_checkpoint(run_id)
 
 
 def test_lost_server_mid_run_is_one_line_not_a_traceback():
