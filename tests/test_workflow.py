@@ -10,12 +10,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from pipeline import references, runners
+from pipeline import references, run_checkpoints, runners
 from pipeline.config import EvaluateConfig, TrainConfig
 from pipeline.data.store import load_dataset
 from pipeline.errors import PipelineError
-from pipeline.run_checkpoints import CHECKPOINT_DIR, CheckpointUploads
-from pipeline.runners import run_evaluate, run_train
+from pipeline.run_checkpoints import CHECKPOINT_DIR, LAST_CHECKPOINT, CheckpointUploads
+from pipeline.runners import TrialHooks, run_evaluate, run_train
 
 TRAIN_PARAMS = {
     "data",
@@ -172,13 +172,11 @@ def test_evaluate_scores_the_test_split_of_a_tree_with_train_and_test(trained, t
     ds, _ = load_dataset(mlflow.artifacts.download_artifacts(f"runs:/{trained.prepare}/dataset"), ("test",))
     test, names = ds.splits["test"], ds.class_names
     _write_pngs(tmp_path / "tree" / "test", test.images[:30], test.labels[:30], names)
-    (tmp_path / "tree" / "train" / "0").mkdir(parents=True)
-    (tmp_path / "tree" / "train" / "0" / "broken.png").write_bytes(b"\x89PNG not really")  # never decoded
-    run_id = run_evaluate(
-        EvaluateConfig(
-            model=trained.finetune, data=str(tmp_path / "tree"), device="cpu", precision="fp32", on_bad_image="fail"
-        )
-    )
+    for name in names:  # a train/ beside it whose files are never decoded (on_bad_image=fail would say so)
+        (tmp_path / "tree" / "train" / name).mkdir(parents=True)
+        (tmp_path / "tree" / "train" / name / "broken.png").write_bytes(b"\x89PNG not really")
+    run_id = run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "tree"), device="cpu",
+                                         precision="fp32", on_bad_image="fail"))
     m = mlflow.get_run(run_id).data.metrics
     assert m["test_accuracy"] == pytest.approx(
         _model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names)
@@ -195,7 +193,9 @@ def test_evaluate_names_the_splits_a_tree_has_when_the_one_asked_is_missing(trai
     with pytest.raises(PipelineError, match=r"has no test/ split; it has train/, val/: set split to one of train, val"):
         run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "tree"), device="cpu"))
     assert decoded == []
-    (tmp_path / "tree" / "val" / "cat").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "tree" / split / "cat").mkdir()
+        (tmp_path / "tree" / split / "cat" / "b.png").write_bytes(b"")
     with pytest.raises(PipelineError, match="class folders the model does not know: cat"):
         run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "tree"), split="val", device="cpu"))
     assert decoded == []
@@ -282,3 +282,31 @@ def test_checkpoint_uploads_throttle_and_always_upload_on_interrupt(experiment, 
         assert _artifacts(run.info.run_id, CHECKPOINT_DIR) == set()
         uploads.on_interrupt()  # Ctrl-C: the last finished epoch goes up regardless
         assert _artifacts(run.info.run_id, CHECKPOINT_DIR) == {f"{CHECKPOINT_DIR}/last.pt"}
+
+
+def _tiny_pretrain(trained, **kw):
+    return TrainConfig(data=trained.prepare, arch="resnet9", batch_size=256, augment="none", precision="fp32",
+                       device="cpu", system_metrics=False, **kw)
+
+
+def test_a_finished_run_deletes_its_checkpoint_unless_kept(trained, experiment, monkeypatch):
+    uploaded = []
+    upload = run_checkpoints.log_checkpoint
+    monkeypatch.setattr(run_checkpoints, "log_checkpoint", lambda path: (uploaded.append(path), upload(path)))
+    every_epoch = TrialHooks(upload_every=0)  # the checkpoint is up before the run ends
+    deleted = run_train(_tiny_pretrain(trained, epochs=1), "pretrain", hooks=every_epoch)
+    assert len(uploaded) == 1
+    assert _artifacts(deleted) == {"config.yaml"}  # checkpoints/ gone, the rest kept
+    kept = run_train(_tiny_pretrain(trained, epochs=1, keep_checkpoint=True), "pretrain")  # under a minute
+    assert _artifacts(kept, CHECKPOINT_DIR) == {f"{CHECKPOINT_DIR}/{LAST_CHECKPOINT}"}
+
+
+def test_an_interrupted_run_keeps_its_checkpoint_for_resume(trained, experiment):
+    def interrupt(epoch, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(_tiny_pretrain(trained, epochs=2), "pretrain", hooks=TrialHooks(on_epoch=interrupt))
+    run = mlflow.search_runs([experiment], output_format="list", order_by=["attributes.start_time DESC"])[0]
+    assert run.info.status == "KILLED"
+    assert _artifacts(run.info.run_id, CHECKPOINT_DIR) == {f"{CHECKPOINT_DIR}/{LAST_CHECKPOINT}"}
