@@ -133,8 +133,8 @@ class TrainConfig:
     )
     resume: str = opt("", "run id of an interrupted run of this step: continue it in place from its last checkpoint, with its stored config")
     register_as: str = opt("", "registered model name: after training, score on the test split and register the model (alias `champion` moves on better test macro-F1); empty = do not register")
-    keep_checkpoint: bool = opt(False, "keep the resumable checkpoint (checkpoints/last.pt, ~3x the model's size) "
-                                       "of a run that finished; false = delete it (interrupted and failed runs always keep it)")
+    keep_checkpoint: bool = opt(False, "keep the resumable checkpoint (checkpoints/last.pt, ~3x the model's size) of "
+                                       "a run that finished; false = delete it (interrupted/failed runs keep it)")
 
     def __post_init__(self) -> None:
         if self.arch == "auto":

@@ -64,7 +64,8 @@ def describe_run(run_id: str, metrics: dict[str, float], test_images: int, class
 def _listed(class_names: Sequence[str]) -> str:
     """Each name in backticks (Markdown shows `a, b` in a name as it is); the first MAX_LISTED_CLASSES."""
     shown = ", ".join(f"`` {name} ``" for name in class_names[:MAX_LISTED_CLASSES])
-    return shown + (f" and {len(class_names) - MAX_LISTED_CLASSES} more" if len(class_names) > MAX_LISTED_CLASSES else "")
+    more = len(class_names) - MAX_LISTED_CLASSES
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _model_source(client: MlflowClient, run_id: str) -> str:
@@ -142,4 +143,5 @@ def register_evaluated(train_run_id: str, evaluate_run_id: str, name: str, test_
     metrics = {k: logged[k] for k in TEST_METRICS if k in logged}
     if "test_f1_macro" not in metrics:
         raise PipelineError(f"evaluate run {evaluate_run_id} has no test metrics; register a model evaluated on the test split")
-    return register_scored_run(train_run_id, name, metrics, test_images, list(load_class_keys(evaluate_run_id).values()))
+    class_names = list(load_class_keys(evaluate_run_id).values())  # as the evaluation logged them
+    return register_scored_run(train_run_id, name, metrics, test_images, class_names)

@@ -81,7 +81,8 @@ def test_awkward_class_names_work_in_every_step(store, tmp_path):
     assert sum(int(v) for r in rows[1:] for v in r[1:]) == len(test)
 
     # compare: per-class columns named by class; `macro` keeps its key rather than shadow the average.
-    table, _ = compare(CompareConfig(experiment="awkward", output=str(tmp_path / "t.csv"), plot=str(tmp_path / "t.png")))
+    table, _ = compare(CompareConfig(experiment="awkward", output=str(tmp_path / "t.csv"),
+                                     plot=str(tmp_path / "t.png")))
     row = table[table.evaluate_run_id == ev].iloc[0]
     for n, value in zip(names, f1):
         column = f"test_f1_{name_of_key[n]}" if n == "macro" else f"test_f1_{n}"

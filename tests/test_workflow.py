@@ -134,7 +134,8 @@ def test_evaluate_scores_an_archive_holding_only_a_test_split(trained, tmp_path,
         tar.add(tmp_path / "dump", arcname="cifar-like")
     run_id = run_evaluate(EvaluateConfig(model=trained.finetune, data=str(archive), device="cpu", precision="fp32"))
     m = mlflow.get_run(run_id).data.metrics
-    assert m["test_accuracy"] == pytest.approx(_model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names))
+    expected = _model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names)
+    assert m["test_accuracy"] == pytest.approx(expected)
     assert m["skipped_files"] == 0
 
 
@@ -148,7 +149,8 @@ def test_evaluate_scores_the_test_split_of_a_tree_with_train_and_test(trained, t
     run_id = run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "tree"), device="cpu",
                                          precision="fp32", on_bad_image="fail"))
     m = mlflow.get_run(run_id).data.metrics
-    assert m["test_accuracy"] == pytest.approx(_model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names))
+    expected = _model_accuracy(trained.finetune, test.images[:30], test.labels[:30], names)
+    assert m["test_accuracy"] == pytest.approx(expected)
     assert m["skipped_files"] == 0
 
 
