@@ -127,3 +127,11 @@ def calibrated_probabilities(logits, temperature: float) -> np.ndarray:
     if not temperature > 0:
         raise PipelineError(f"temperature must be positive, got {temperature}; fit one with fit_temperature")
     return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+def temperature_of(meta: dict) -> float:
+    """A logged model's temperature, fitted on the validation split at the end of training
+    (model_meta.json's "temperature"); 1.0, plain softmax, for a model trained with calibrate=false
+    (stored as null) or before calibration existed."""
+    return float(meta.get("temperature") or 1.0)
+

@@ -8,8 +8,10 @@ was never evaluated has one row with its best_val_* metrics only.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +28,9 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation_logging import load_class_keys
 from pipeline.keys import HASH_CHARS
 from pipeline.plots import pyplot
+from pipeline.predictions import PREDICTIONS_PATH, TAG_DIGEST, read_predictions, scored_images
 from pipeline.references import get_run
+from pipeline.stats import ScoredImages, significance_columns
 
 TRAIN_STEPS = ("pretrain", "finetune")
 EVALUATE = "evaluate"
@@ -41,6 +45,10 @@ SUMMARY = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_mac
 AVERAGES = ("macro", "weighted")
 PER_CLASS = re.compile(r"^(train|val|test)_(f1|precision|recall|average_precision)_(.+)$", re.S)
 HASHED_KEY = re.compile(rf"-[0-9a-f]{{{HASH_CHARS}}}$")  # pipeline.keys' form for a name MLflow would refuse
+# Bootstrap interval bounds (`test_f1_macro_ci_low`): PER_CLASS matches them too, so they are told
+# apart first; only those of summary metrics are shown, next to their metric.
+INTERVAL = re.compile(r"^(.+)_ci_(low|high)$")
+SIGNIFICANCE = ("p_mcnemar", "p_f1_macro", "vs_best")
 MAX_PLOTTED_RUNS = 10  # bars per class beyond this are unreadable
 
 
@@ -125,6 +133,10 @@ def _shown(metric: str) -> bool:
     F1 stays: one number per class is what fits a table)."""
     if metric.startswith("system/"):
         return False
+    bound = INTERVAL.match(metric)
+    if bound:  # an interval is shown for a summary metric only, never for one class
+        m = PER_CLASS.match(bound.group(1))
+        return not m or m.group(3) in AVERAGES
     m = PER_CLASS.match(metric)
     return not m or m.group(3) in AVERAGES or m.group(2) == "f1"
 
@@ -134,6 +146,9 @@ def _natural(text: str):
 
 
 def _metric_order(name: str):
+    bound = INTERVAL.match(name)
+    if bound:  # right after its metric: value, low, high
+        return (*_metric_order(bound.group(1)), 1 if bound.group(2) == "low" else 2)
     m = PER_CLASS.match(name)
     if m and m.group(3) not in AVERAGES and m.group(2) == "f1":
         return (1, _natural(name))
@@ -259,7 +274,7 @@ def _per_class_f1(table: pd.DataFrame) -> tuple[str, list[str], list[str]]:
     found = defaultdict(list)
     for column in metric_columns(table):
         m = PER_CLASS.match(column)
-        if m and m.group(2) == "f1" and m.group(3) not in AVERAGES:
+        if m and m.group(2) == "f1" and m.group(3) not in AVERAGES and not INTERVAL.match(column):
             found[m.group(1)].append(column)
     split = next((s for s in ("test", "val", "train") if found[s]), "")
     columns = found[split]
@@ -271,9 +286,22 @@ def _label(row, with_evaluation: bool) -> str:
     return name + (f" eval {row['evaluate_run_id'][:8]}" if with_evaluation else "")
 
 
+def _interval_bars(axes, rows: pd.DataFrame, column: str, x: pd.Series, y: pd.Series) -> None:
+    """Error bars from `<column>_ci_low/_ci_high` (95% bootstrap intervals) where rows have them."""
+    low, high = f"{column}_ci_low", f"{column}_ci_high"
+    if low not in rows or high not in rows:
+        return
+    has = rows[low].notna() & rows[high].notna()
+    if has.any():
+        below, above = (y - rows[low].astype(float))[has], (rows[high].astype(float) - y)[has]
+        axes.errorbar(x[has], y[has], yerr=[below.clip(lower=0), above.clip(lower=0)], fmt="none",
+                      ecolor="gray", capsize=3, linewidth=1)
+
+
 def plot_comparison(table: pd.DataFrame, path: str) -> None:
     """Two panels: per-class F1 as grouped bars (the first MAX_PLOTTED_RUNS rows), and
-    frozen_layers against macro F1 (test where evaluated, else best validation)."""
+    frozen_layers against macro F1 (test where evaluated, with its 95% interval as an error bar,
+    else best validation)."""
     plt = pyplot()
     split, columns, classes = _per_class_f1(table)
     fig, (bars, scatter) = plt.subplots(
@@ -310,6 +338,7 @@ def plot_comparison(table: pd.DataFrame, path: str) -> None:
         keep = frozen.notna() & y.notna()
         if keep.any():
             scatter.scatter(frozen[keep], y[keep], marker=marker, label=name)
+            _interval_bars(scatter, table[keep], column, frozen[keep], y[keep])
     scatter.set(
         xlabel="frozen_layers (stages frozen)",
         ylabel="macro F1",
@@ -324,9 +353,47 @@ def plot_comparison(table: pd.DataFrame, path: str) -> None:
     plt.close(fig)
 
 
+# --- paired significance -------------------------------------------------------------------
+
+def load_scored_images(run_id: str, split: str) -> ScoredImages | None:
+    """A run's per-image predictions on `split` (`evaluation/<split>_predictions.csv`), with the digest
+    of the images they are on; None for a run that logged none."""
+    digest = mlflow.get_run(run_id).data.tags.get(TAG_DIGEST.format(split=split))
+    if not digest:
+        return None  # evaluated before predictions were logged
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=tmp,
+                                                       artifact_path=PREDICTIONS_PATH.format(split=split))
+        except (MlflowException, OSError):
+            return None
+        return scored_images(read_predictions(path), digest, split)
+
+
+@functools.lru_cache(maxsize=256)  # a finished evaluate run's artifacts do not change: one download per run
+def scored_images_of(evaluate_run_id: str) -> ScoredImages | None:
+    """An evaluate run's per-image predictions on the split it scored."""
+    return load_scored_images(evaluate_run_id, mlflow.get_run(evaluate_run_id).data.params.get("split", "test"))
+
+
+def add_significance(table: pd.DataFrame, metric: str | None) -> pd.DataFrame:
+    """stats.significance_columns (p_mcnemar, p_f1_macro, vs_best) against the top row, placed after
+    the metric sorted by (and its interval), else after the key params."""
+    ids = [i for i in table["evaluate_run_id"].dropna().unique() if i]
+    scored = {run_id: found for run_id in ids if (found := scored_images_of(run_id)) is not None}
+    if not scored:
+        return table
+    columns = significance_columns(table, scored)
+    anchor = next((c for c in (f"{metric}_ci_high", metric) if metric and c in table), KEY_PARAMS[-1])
+    at = list(table.columns).index(anchor) + 1
+    return pd.concat([table.iloc[:, :at], columns, table.iloc[:, at:]], axis=1)
+
+
 def compare(cfg: CompareConfig) -> tuple[pd.DataFrame, str | None]:
-    """Select, join, sort; write the table and plot if asked. Returns (table, the metric sorted by)."""
+    """Select, join, sort, add the paired tests against the top row; write the table and plot if asked.
+    Returns (table, the metric sorted by)."""
     table, metric = sort_table(comparison_table(select_runs(cfg.experiment, cfg.parent, cfg.run_ids)), cfg.sort)
+    table = add_significance(table, metric)
     if cfg.output:
         write_table(table, cfg.output)
     if cfg.plot:

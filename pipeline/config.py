@@ -145,6 +145,8 @@ class TrainConfig:
         "false = off",
     )
     seed: int = opt(0, "seeds weights init, shuffling and augmentation")
+    calibrate: bool = opt(True, "fit a temperature on the validation split after training, so the served model's "
+                                "confidence matches its accuracy (argmax unchanged); false = plain softmax")
     pretrained: str = opt("", "finetune only: run id, runs:/ or models:/ URI")
     frozen_layers: int = opt(
         0, f"finetune only: freeze the first k of stem, layer1..layer4 (0-{NUM_STAGES}; {NUM_STAGES} = head only)"

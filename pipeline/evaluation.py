@@ -35,22 +35,23 @@ class EvaluationReport:
 
 
 def score_net(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, device: torch.device,
-              precision: str = "fp32", tta=False, batch_size=EVAL_BATCH) -> EvaluationReport:
+              precision: str = "fp32", tta=False, batch_size=EVAL_BATCH, temperature: float = 1.0) -> EvaluationReport:
     """evaluate_images with the network moved to `device` (channels_last) under `precision`'s autocast.
 
     fp32 unless asked otherwise: the served pyfunc predicts in fp32, so registered test metrics
     scored so are those of the model users get (bf16 autocast changes predictions near a tie)."""
     net.to(device, memory_format=torch.channels_last)
     amp_dtype = resolve_amp_dtype(precision, device)
-    return evaluate_images(net, images, labels, class_names, prefix, amp_dtype, tta, batch_size)
+    return evaluate_images(net, images, labels, class_names, prefix, amp_dtype, tta, batch_size, temperature)
 
 
 def evaluate_images(net, images: np.ndarray, labels: np.ndarray, class_names: list[str], prefix: str, amp_dtype,
-                    tta=False, batch_size=EVAL_BATCH) -> EvaluationReport:
-    """Score `net` (on its device) on uint8 images: `prefix`_* metrics, per-class table, report, confusion."""
+                    tta=False, batch_size=EVAL_BATCH, temperature: float = 1.0) -> EvaluationReport:
+    """Score `net` (on its device) on uint8 images: `prefix`_* metrics, per-class table, report, confusion.
+    `temperature` divides the logits, as the served model does (pipeline.calibration); argmax unchanged."""
     device = next(net.parameters()).device
     logits = predict_logits(net, torch.from_numpy(images).to(device), amp_dtype, tta, batch_size)
-    probs = torch.softmax(logits, 1).cpu().numpy()
+    probs = torch.softmax(logits / temperature, 1).cpu().numpy()
     pred = probs.argmax(1)
     metrics = summary_metrics(labels, pred, len(class_names), prefix)
     table = per_class_table(labels, pred, class_names)

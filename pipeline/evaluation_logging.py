@@ -9,8 +9,11 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from pipeline.evaluation import metric_keys
+from pipeline.calibration import expected_calibration_error, reliability_figure
+from pipeline.evaluation import MAX_PER_CLASS_METRICS, metric_keys
 from pipeline.plots import misclassified_grid, plot_confusion, precision_recall_figure
+from pipeline.predictions import PREDICTIONS_PATH, TAG_DIGEST, array_digest, predictions_table
+from pipeline.stats import bootstrap_intervals, interval_metrics
 from pipeline.tracking import log_metrics
 
 CLASS_KEYS_ARTIFACT = "evaluation/class_keys.json"  # {metric key part: class name}
@@ -35,11 +38,15 @@ def load_class_keys(run_id: str) -> dict[str, str]:
         return {}
 
 
-def log_evaluation(report, class_names: list[str], split: str, images: np.ndarray | None = None) -> None:
+def log_evaluation(report, class_names: list[str], split: str, images: np.ndarray | None = None, *,
+                   digest: str = "") -> dict[str, float]:
     """Metrics, the per-class CSV table, the text report, the confusion matrix (PNG + CSV), per-class
-    precision-recall curves (PNG) and, given the images, the most confidently misclassified (PNG)."""
+    precision-recall curves (PNG) and, given the images, the most confidently misclassified (PNG);
+    then log_trust: per-image predictions, bootstrap intervals, calibration. Returns log_trust's metrics.
+    `digest`: the dataset manifest's digest, else one of the images and labels is taken."""
     log_metrics(report.metrics)
     mlflow.log_dict({key: name for name, key in metric_keys(class_names).items()}, CLASS_KEYS_ARTIFACT)
+    trust = log_trust(report, class_names, split, digest or array_digest(images, report.labels))
     mlflow.log_text(report.per_class.to_csv(index=False), f"evaluation/{split}_per_class.csv")
     mlflow.log_text(report.report, f"evaluation/{split}_classification_report.txt")
     mlflow.log_text(confusion_csv(report.confusion, class_names), f"evaluation/{split}_confusion_matrix.csv")
@@ -55,3 +62,38 @@ def log_evaluation(report, class_names: list[str], split: str, images: np.ndarra
     for name, fig in figures.items():
         mlflow.log_figure(fig, f"evaluation/{split}_{name}.png")
         plt.close(fig)
+    return trust
+
+
+def log_predictions(labels: np.ndarray, probs: np.ndarray, class_names: list[str], split: str, digest: str,
+                    image_names=None) -> None:
+    """`evaluation/<split>_predictions.csv` and the tag saying which images they are on (the dataset
+    digest), so runs scored on the same split can be compared image by image."""
+    table = predictions_table(labels, probs, class_names, image_names)
+    mlflow.log_text(table.to_csv(index=False), PREDICTIONS_PATH.format(split=split))
+    mlflow.set_tag(TAG_DIGEST.format(split=split), digest)
+
+
+def interval_metrics_of(report, class_names: list[str], split: str) -> dict[str, float]:
+    """95% bootstrap intervals (seeded, 1000 resamples) of accuracy, macro-F1 and, for as many classes
+    as get per-class metrics, each class's F1: `<split>_accuracy_ci_low` ..."""
+    pred = report.probabilities.argmax(1)
+    intervals = bootstrap_intervals(report.labels, pred, len(class_names))
+    if len(class_names) > MAX_PER_CLASS_METRICS:
+        intervals = {k: v for k, v in intervals.items() if not k.startswith("f1_class_")}
+    return interval_metrics(intervals, split, class_names)
+
+
+def log_trust(report, class_names: list[str], split: str, digest: str, image_names=None) -> dict[str, float]:
+    """How far the numbers can be trusted: per-image predictions, bootstrap intervals, `<split>_ece`
+    (15 bins) and the reliability diagram `evaluation/<split>_reliability.png`. Returns the metrics."""
+    import matplotlib.pyplot as plt
+
+    log_predictions(report.labels, report.probabilities, class_names, split, digest, image_names)
+    ece = expected_calibration_error(report.probabilities, report.labels)
+    metrics = {**interval_metrics_of(report, class_names, split), f"{split}_ece": ece}
+    log_metrics(metrics)
+    fig = reliability_figure(report.probabilities, report.labels)
+    mlflow.log_figure(fig, f"evaluation/{split}_reliability.png")
+    plt.close(fig)
+    return metrics

@@ -19,15 +19,16 @@ import numpy as np
 import torch
 
 from pipeline import distributed, preflight, registry, tracking
+from pipeline.calibration import calibrated_probabilities, expected_calibration_error, fit_temperature, temperature_of
 from pipeline.config import NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig
 from pipeline.data.imageset import DatasetSplits
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import choose_split, decode_tree, scan_image_tree
 from pipeline.data.store import save_dataset
-from pipeline.device import resolve_device
+from pipeline.device import predict_logits, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
-from pipeline.evaluation_logging import log_evaluation
+from pipeline.evaluation_logging import log_evaluation, log_predictions
 from pipeline.models import ImageClassifier, build_logged_net, count_trainable, create_model, freeze, replace_head
 from pipeline.precision import resolve_cpu_amp_dtype
 from pipeline.references import load_dataset_ref, load_model_ref, run_name_of
@@ -38,6 +39,7 @@ from pipeline.run_checkpoints import (
     delete_checkpoints,
     load_resume_point,
 )
+from pipeline.stats import with_interval
 from pipeline.train import FitResult, fit, seed_everything
 
 MAX_LISTED_SKIPS = 100
@@ -291,7 +293,8 @@ def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, r
     tracking.log_metrics({"best_epoch": result.best_epoch, **best_val})
     mlflow.set_tag(TAG_STOPPED_EARLY, str(result.stopped_early).lower())
     meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names,
-            "image_size": ds.image_size, "dropout": cfg.dropout}
+            "image_size": ds.image_size, "dropout": cfg.dropout,
+            "temperature": calibrate_on_val(inputs)}  # null: calibrate=false, plain softmax
     sample = ds.splits["val"].images[:2]
     tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample, input_example)
     best = result.best_metrics
@@ -301,8 +304,30 @@ def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, r
                       f"Model: `runs:/{run_id}/{tracking.MODEL_NAME}`.")
     if cfg.register_as:  # the model just logged is `net`: scored here, not downloaded again
         test = ds.splits["test"]
-        report = score_net(net, test.images, test.labels, ds.class_names, "test", device, "fp32")  # as served
+        report = score_net(net, test.images, test.labels, ds.class_names, "test", device, "fp32",
+                           temperature=temperature_of(meta))  # the probabilities the served model gives
         registry.register_trained_run(run_id, cfg.register_as, report, test.images, ds.class_names)
+
+
+def calibrate_on_val(inputs: TrainingInputs) -> float | None:
+    """Fit the model's temperature on the validation split (fp32 logits in eval mode; one scalar, so
+    the argmax and accuracy stay) unless cfg.calibrate is false; log `val_ece_uncalibrated`,
+    `val_ece` and `temperature`, and the val predictions (calibrated) that tune's summary compares.
+    Returns the temperature, or None when not calibrating."""
+    val, class_names = inputs.ds.splits["val"], inputs.ds.class_names
+    if len(val) < 2:
+        return None  # nothing to fit on, and nothing worth a predictions table
+    net = inputs.net
+    logits = predict_logits(net, torch.from_numpy(val.images).to(next(net.parameters()).device), None)
+    logits = logits.cpu().double().numpy()
+    temperature = fit_temperature(logits, val.labels) if inputs.cfg.calibrate else None
+    plain = calibrated_probabilities(logits, 1.0)
+    probs = calibrated_probabilities(logits, temperature or 1.0)
+    metrics = {"val_ece_uncalibrated": expected_calibration_error(plain, val.labels),
+               "val_ece": expected_calibration_error(probs, val.labels)}
+    tracking.log_metrics({**metrics, **({"temperature": temperature} if temperature else {})})
+    log_predictions(val.labels, probs, class_names, "val", inputs.manifest["digest"])
+    return temperature
 
 
 @contextlib.contextmanager
@@ -359,9 +384,10 @@ def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = 
         if manifest is not None:
             tracking.log_dataset_input(manifest, data_uri, context="evaluation")
         report = score_net(build_logged_net(meta, state), images, labels, meta["class_names"], cfg.split, device,
-                           cfg.precision, cfg.tta, cfg.batch_size)
-        log_evaluation(report, meta["class_names"], cfg.split, images)
-        m = report.metrics
+                           cfg.precision, cfg.tta, cfg.batch_size, temperature_of(meta))  # as served
+        intervals = log_evaluation(report, meta["class_names"], cfg.split, images,
+                                   digest=manifest["digest"] if manifest else "")
+        m = {**report.metrics, **intervals}
         if manifest is None:  # the user's images: say what was left out, as prepare_data does
             tracking.log_metrics({"skipped_files": len(skipped)})
             if skipped:
@@ -369,6 +395,7 @@ def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = 
                 print(f"evaluate: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
         tracking.set_note(f"Scored `{meta['model_uri']}` on the {cfg.split} split of `{data_uri}` ({len(labels)} images"
                           + (f"; {len(skipped)} unreadable files skipped" if skipped else "") + "): "
-                          f"accuracy {m[f'{cfg.split}_accuracy']:.4f}, macro-F1 {m[f'{cfg.split}_f1_macro']:.4f}. "
+                          f"accuracy {with_interval(m, f'{cfg.split}_accuracy')}, "
+                          f"macro-F1 {with_interval(m, f'{cfg.split}_f1_macro')}. "
                           "Plots and tables under `evaluation/`.")
         return run.info.run_id

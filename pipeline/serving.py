@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.calibration import temperature_of
 from pipeline.errors import PipelineError
 from pipeline.models import ImageClassifier, build_logged_net
+from pipeline.predictions import PROB_PREFIX
 
 WEIGHTS_ARTIFACT = "weights"
 META_ARTIFACT = "meta"
@@ -23,7 +25,6 @@ PREDICT_BATCH = 256  # images per forward pass at most
 # Input pixels (height x width, summed over the batch) per forward pass: bounds the float copy the
 # resize makes (12 bytes per pixel) whatever the images' size; 16M pixels = 192 MB.
 PREDICT_PIXELS = 16 * 2**20
-PROB_PREFIX = "prob_"
 
 
 def load_classifier(weights_path: str, meta: dict) -> ImageClassifier:
@@ -95,6 +96,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             self.meta = json.load(f)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.classifier = load_classifier(context.artifacts[WEIGHTS_ARTIFACT], self.meta).to(self.device)
+        self.temperature = temperature_of(self.meta)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         images = as_image_batch(model_input)
@@ -104,6 +106,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             for start in range(0, len(images), rows):
                 # uint8 to the device; ImageClassifier resizes each batch before normalizing it.
                 batch = torch.from_numpy(images[start : start + rows]).to(self.device)
-                chunks.append(torch.softmax(self.classifier(batch).float(), 1).cpu().numpy())
+                logits = self.classifier(batch).float() / self.temperature  # calibrated: see temperature_of
+                chunks.append(torch.softmax(logits, 1).cpu().numpy())
         probs = np.concatenate(chunks) if chunks else np.zeros((0, len(self.meta["class_names"])), np.float32)
         return predictions_frame(probs, self.meta["class_names"])

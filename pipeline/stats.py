@@ -18,6 +18,7 @@ import pandas as pd
 from scipy.stats import binomtest, bootstrap
 
 from pipeline.errors import PipelineError
+from pipeline.keys import class_keys
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -116,13 +117,23 @@ def bootstrap_intervals(y_true, y_pred, num_classes: int, *, resamples: int = RE
 def interval_metrics(intervals: Mapping[str, tuple[float, float]], prefix: str,
                      class_names: Sequence[str]) -> dict[str, float]:
     """MLflow-ready metric names for bootstrap_intervals' output: `<prefix>_accuracy_ci_low`,
-    `<prefix>_f1_macro_ci_high`, `<prefix>_f1_<class name>_ci_low`, ..."""
+    `<prefix>_f1_macro_ci_high`, `<prefix>_f1_<class key>_ci_low`, ... A class's key is
+    pipeline.keys.class_keys(names, reserved=("macro", "weighted")), as its F1 metric is named."""
+    keys = class_keys(list(class_names), reserved=("macro", "weighted"))
     metrics = {}
     for key, (low, high) in intervals.items():
-        name = f"f1_{class_names[int(key.removeprefix('f1_class_'))]}" if key.startswith("f1_class_") else key
+        name = f"f1_{keys[class_names[int(key.removeprefix('f1_class_'))]]}" if key.startswith("f1_class_") else key
         metrics[f"{prefix}_{name}_ci_low"] = low
         metrics[f"{prefix}_{name}_ci_high"] = high
     return metrics
+
+
+def with_interval(metrics: Mapping[str, float], name: str) -> str:
+    """`0.9778 (95% CI 0.95-0.99)` from metric `name` and its `_ci_low`/`_ci_high`; the value alone
+    when the interval is missing, `nan` when the metric is."""
+    value = f"{metrics.get(name, float('nan')):.4f}"
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    return value if low is None or high is None else f"{value} ({LEVEL:.0%} CI {low:.2f}-{high:.2f})"
 
 
 # --- paired tests --------------------------------------------------------------------------

@@ -27,10 +27,12 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import registry, tracking
+from pipeline.compare import load_scored_images
 from pipeline.config import TuneConfig
 from pipeline.data.store import MANIFEST, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.references import dataset_uri
+from pipeline.stats import compare_to_best
 from pipeline.study_storage import MAX_RETRIES, storage_identity
 
 TAG_STUDY = "pipeline.study_name"
@@ -268,7 +270,7 @@ def log_summary(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int], lo
     df = study.trials_dataframe()
     mlflow.log_text(df.to_csv(index=False), "study/trials.csv")
     log_plots(study, log)
-    tracking.set_note(describe_study(cfg, counts, best))
+    tracking.set_note(describe_study(cfg, counts, best, best_vs_runner_up(study, cfg)))
 
 
 def format_params(params: dict, sep: str = " ") -> str:
@@ -276,8 +278,9 @@ def format_params(params: dict, sep: str = " ") -> str:
     return sep.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def describe_study(cfg: TuneConfig, counts: dict[str, int], best: FrozenTrial | None) -> str:
-    """The parent run's description in the UI: how far the study got and its best trial so far."""
+def describe_study(cfg: TuneConfig, counts: dict[str, int], best: FrozenTrial | None, versus: str = "") -> str:
+    """The parent run's description in the UI: how far the study got, its best trial so far and
+    `versus` (best_vs_runner_up's sentence)."""
     text = (
         f"Optuna study `{cfg.study_name}`, {cfg.direction}s {cfg.metric}: {counts['complete']} complete, "
         f"{counts['pruned']} pruned, {counts['fail']} failed of n_trials={cfg.n_trials}; each trial's run is nested "
@@ -288,7 +291,31 @@ def describe_study(cfg: TuneConfig, counts: dict[str, int], best: FrozenTrial | 
             f"\n\nBest: trial {best.number}, {cfg.metric}={best.value:.4f} ({format_params(best.params, ', ')}), "
             f"run `{best.user_attrs.get(ATTR_RUN_ID, '')}`."
         )
+        text += f" {versus}" if versus else ""
     return text + "\n\nThe trials table and Optuna's plots are under `study/`."
+
+
+def best_vs_runner_up(study: optuna.Study, cfg: TuneConfig) -> str:
+    """Whether the best complete trial can be told apart from the runner-up on the validation split
+    (the images both were scored on): stats.compare_to_best on their val predictions; "" when
+    there is no runner-up or no predictions to compare."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    ranked = sorted(complete, key=lambda t: t.value, reverse=cfg.direction == "maximize")
+    if len(ranked) < 2:
+        return ""
+    (best, second), runs = ranked[:2], [t.user_attrs.get(ATTR_RUN_ID) for t in ranked[:2]]
+    scored = [load_scored_images(run_id, "val") if run_id else None for run_id in runs]
+    if any(s is None for s in scored):
+        return ""
+    a, b = scored
+    if (a.digest, a.split) != (b.digest, b.split) or not np.array_equal(a.y_true, b.y_true):
+        return f"Trials {best.number} and {second.number} were validated on different images; they cannot be paired."
+    num_classes = max(a.num_classes, b.num_classes)
+    tests = compare_to_best(a.y_true, {"best": a.y_pred, "second": b.y_pred}, num_classes, best="best")
+    row = tests.loc["second"]
+    verdict = ("cannot be told apart from" if row.indistinguishable else "differs from")
+    return (f"On the validation split ({len(a.y_true)} images) it {verdict} the runner-up, trial {second.number} "
+            f"(McNemar p={row.p_mcnemar:.3g}, paired bootstrap macro-F1 p={row.p_f1_macro:.3g}; 5% level).")
 
 
 PLOTS = {

@@ -25,6 +25,7 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
+from pipeline.calibration import temperature_of
 from pipeline.preflight import TrackingLost
 from pipeline.serving import META_ARTIFACT, WEIGHTS_ARTIFACT, predictions_frame
 
@@ -103,7 +104,8 @@ def log_dataset_input(manifest: dict, uri: str, context: str) -> None:
 def log_model(classifier: torch.nn.Module, meta: dict, sample: np.ndarray, with_example: bool = True) -> str:
     """Log the trained network as a pyfunc (pipeline.serving.ImageClassifierModel): uint8 images
     (N, H, W, 3) of any size in, class names and probabilities out. Its artifacts are the plain state
-    dict and metadata, which later steps load with weights_only=True and no unpickling.
+    dict and metadata, which later steps load with weights_only=True and no unpickling. meta's
+    "temperature" (None or absent: 1.0) divides the logits before the served softmax.
 
     with_example=False logs no input example: MLflow then skips loading the saved model again to
     predict it (about a second a model on a CPU), which tuning trials leave out."""
@@ -114,7 +116,7 @@ def log_model(classifier: torch.nn.Module, meta: dict, sample: np.ndarray, with_
         meta_path = os.path.join(tmp, META_FILE)
         Path(meta_path).write_text(json.dumps(meta, indent=2))
         with torch.no_grad():
-            probs = torch.softmax(classifier(torch.from_numpy(sample)).float(), 1).numpy()
+            probs = torch.softmax(classifier(torch.from_numpy(sample)).float() / temperature_of(meta), 1).numpy()
         # Any image size is accepted (resized inside), so H and W are left open in the signature.
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),

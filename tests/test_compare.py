@@ -151,3 +151,35 @@ def test_bad_input_is_one_line_and_exit_2(runs, args, message):
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
     if args[-1] == "test_f2_macro":
         assert "test_f1_macro" in result.stderr and "best_val_f1_macro" in result.stderr
+
+
+def test_interval_metrics_sit_beside_their_metric_and_are_never_taken_for_classes():
+    from pipeline.compare import _metric_order, _per_class_f1, _shown
+
+    assert _shown("test_accuracy_ci_low") and _shown("test_f1_macro_ci_high")
+    assert not _shown("test_f1_cat_ci_low")  # per-class intervals stay in MLflow
+    names = ["test_f1_cat", "test_f1_macro_ci_high", "test_accuracy", "test_f1_macro", "test_accuracy_ci_high",
+             "test_f1_macro_ci_low", "test_accuracy_ci_low"]
+    assert sorted(names, key=_metric_order) == [
+        "test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high",
+        "test_f1_macro", "test_f1_macro_ci_low", "test_f1_macro_ci_high", "test_f1_cat"]
+    table = pd.DataFrame({"run_id": ["a"], "test_f1_cat": [0.5], "test_f1_macro_ci_low": [0.4], "test_f1_macro": [0.5]})
+    assert _per_class_f1(table) == ("test", ["test_f1_cat"], ["cat"])
+
+
+def test_compare_pairs_two_models_scored_on_the_same_test_images(runs):
+    from scipy.stats import binomtest
+
+    from pipeline.predictions import read_predictions
+
+    trained = runs["trained"]
+    table, _ = compare(CompareConfig(runs=f"{trained.evaluate} {runs['ev_pre']}"))
+    assert table.vs_best.iloc[0] == "best" and table.vs_best.iloc[1] in ("tie", "differs")
+    path = "evaluation/test_predictions.csv"
+    a, b = (read_predictions(mlflow.artifacts.download_artifacts(run_id=r, artifact_path=path))
+            for r in table.evaluate_run_id)
+    right_a, right_b = a.predicted_class == a.true_class, b.predicted_class == b.true_class
+    only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    expected = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    assert table.p_mcnemar.iloc[1] == pytest.approx(expected)
+    assert list(table.columns).index("vs_best") == list(table.columns).index("test_f1_macro_ci_high") + 3

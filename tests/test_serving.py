@@ -306,6 +306,7 @@ def _in_process_pyfunc(image_size: int = 8):
     model = ImageClassifierModel()
     model.meta = {"class_names": ["a", "b", "c"]}
     model.device = torch.device("cpu")
+    model.temperature = 1.0
     model.classifier = ImageClassifier(create_model("resnet9", 3), ["a", "b", "c"], image_size).eval()
     return model
 
@@ -342,3 +343,44 @@ def test_pyfunc_splits_large_images_into_batches_by_pixel_count(monkeypatch):
     batches.clear()
     model.predict(None, np.zeros((7, 8, 8, 3), np.uint8))  # small images: one pass (at most PREDICT_BATCH)
     assert batches == [7]
+
+
+def _hand_logits(run_id: str, images: np.ndarray) -> tuple[np.ndarray, dict]:
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
+    meta = json.loads((folder / "artifacts" / "model_meta.json").read_text())
+    net = create_model(meta["arch"], meta["num_classes"])
+    net.load_state_dict(torch.load(folder / "artifacts" / "state_dict.pt", weights_only=True))
+    x = (images.astype(np.float32) / 255 - MEAN) / STD
+    with torch.no_grad():
+        return net.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).double().numpy(), meta
+
+
+def test_served_probabilities_are_the_softmax_of_logits_over_the_stored_temperature(trained, test_split):
+    from scipy.special import softmax
+
+    test, class_names = test_split
+    logits, meta = _hand_logits(trained.finetune, test.images)
+    assert meta["temperature"] > 0  # calibrate defaults to true
+    out = mlflow.pyfunc.load_model(f"runs:/{trained.finetune}/model").predict(test.images)
+    probs = out[[f"prob_{c}" for c in class_names]].to_numpy()
+    np.testing.assert_allclose(probs, softmax(logits / meta["temperature"], axis=1), atol=1e-4)
+    assert (probs.argmax(1) == logits.argmax(1)).mean() > 0.99  # one scalar: the argmax stays
+
+
+def test_a_model_without_a_temperature_serves_the_plain_softmax(trained, test_split, tmp_path):
+    from types import SimpleNamespace
+
+    from scipy.special import softmax
+
+    from pipeline.serving import META_ARTIFACT, WEIGHTS_ARTIFACT, ImageClassifierModel
+
+    test, _ = test_split
+    logits, meta = _hand_logits(trained.finetune, test.images)
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{trained.finetune}/model")) / "artifacts"
+    old_meta = tmp_path / "model_meta.json"
+    old_meta.write_text(json.dumps({k: v for k, v in meta.items() if k != "temperature"}))  # as logged before
+    model = ImageClassifierModel()
+    model.load_context(SimpleNamespace(artifacts={META_ARTIFACT: str(old_meta),
+                                                  WEIGHTS_ARTIFACT: str(folder / "state_dict.pt")}))
+    out = model.predict(None, test.images)
+    np.testing.assert_allclose(out.filter(like="prob_").to_numpy(), softmax(logits, axis=1), atol=1e-4)

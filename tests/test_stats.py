@@ -82,6 +82,17 @@ def test_interval_metrics_are_named_by_split_metric_and_class_name():
     assert len(metrics) == 2 * 4
 
 
+def test_interval_metrics_name_classes_by_their_metric_key_not_the_raw_name():
+    from pipeline.keys import class_keys
+
+    names = ["bird (small)", "macro"]
+    y, pred = _predictions(100, 2, 0.9, seed=6)
+    metrics = interval_metrics(bootstrap_intervals(y, pred, 2, resamples=20), "test", names)
+    keys = class_keys(names, reserved=("macro", "weighted"))
+    assert f"test_f1_{keys['bird (small)']}_ci_low" in metrics and keys["bird (small)"] != "bird (small)"
+    assert f"test_f1_{keys['macro']}_ci_high" in metrics and keys["macro"] != "macro"  # never overwrites f1_macro
+
+
 def test_inputs_a_user_can_get_wrong_are_errors_that_say_so():
     with pytest.raises(PipelineError, match="different lengths"):
         bootstrap_intervals([0, 1, 1], [0, 1], 2)
