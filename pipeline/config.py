@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.errors import PipelineError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9", "mobilenet_v3_small", "mobilenet_v3_large", "vgg11_bn")
 WEIGHTS = ("none", "imagenet")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -112,7 +112,11 @@ class TrainConfig:
     """Hyperparameters shared by pretrain and finetune (finetune adds the two last fields)."""
 
     data: str = opt("", "prepare_data run id or dataset artifact URI")
-    arch: str = opt("resnet18", "resnet18 | resnet34 | resnet50 | resnet9; finetune: auto = as pretrained")
+    arch: str = opt(
+        "resnet18",
+        "resnet18 | resnet34 | resnet50 | resnet9 | mobilenet_v3_small | mobilenet_v3_large | vgg11_bn; "
+        "finetune: auto = as pretrained",
+    )
     weights: str = opt("none", "none | imagenet (torchvision's ImageNet weights, from the torch hub cache)")
     epochs: int = opt(10, "passes over the training split")
     batch_size: int = opt(128, "images per optimizer step")
