@@ -140,7 +140,8 @@ def _vgg_features(arch: str, weights: str) -> nn.Sequential:
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["A"], batch_norm=True)
     if weights == "imagenet":
         state = load_imagenet_state_dict(arch)
-        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
+        prefix = "features."
+        features.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     return features
 
 
