@@ -28,7 +28,7 @@ from pipeline.keys import HASH_CHARS
 from pipeline.plots import pyplot
 from pipeline.references import get_run
 
-TRAIN_STEPS = ("pretrain", "finetune")
+TRAIN_STEPS = ("pretrain", "finetune", "prune")
 EVALUATE = "evaluate"
 TAG_MODEL_RUN = "pipeline.upstream.model_run"
 TAG_PARENT = "mlflow.parentRunId"

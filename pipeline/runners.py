@@ -28,7 +28,16 @@ from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
 from pipeline.evaluation_logging import log_evaluation
-from pipeline.models import ImageClassifier, build_logged_net, count_trainable, create_model, freeze, replace_head
+from pipeline.models import (
+    PRUNED_LAYERS,
+    ImageClassifier,
+    build_logged_net,
+    count_trainable,
+    create_model,
+    freeze,
+    pruned_layers,
+    replace_head,
+)
 from pipeline.precision import resolve_cpu_amp_dtype
 from pipeline.references import load_dataset_ref, load_model_ref, run_name_of
 from pipeline.run_checkpoints import (
@@ -193,8 +202,7 @@ def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch
             f"pretrained model {cfg.pretrained!r} is a {meta['arch']}, not arch={cfg.arch}; "
             f"set arch={meta['arch']} (or auto)"
         )
-    net = create_model(meta["arch"], meta["num_classes"], cfg.dropout)
-    net.load_state_dict(state)
+    net = build_logged_net({**meta, "dropout": cfg.dropout}, state)  # a pruned model's layers at their shapes
     if list(meta["class_names"]) != list(class_names):
         replace_head(net, len(class_names))  # a new class set needs a fresh head
     freeze(net, cfg.frozen_layers)
@@ -289,7 +297,8 @@ def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, r
     tracking.log_metrics({"best_epoch": result.best_epoch, **best_val})
     mlflow.set_tag(TAG_STOPPED_EARLY, str(result.stopped_early).lower())
     meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names,
-            "image_size": ds.image_size, "dropout": cfg.dropout}
+            "image_size": ds.image_size, "dropout": cfg.dropout,
+            PRUNED_LAYERS: pruned_layers(net, cfg.arch, ds.num_classes)}  # {} unless fine-tuned from a pruned model
     sample = ds.splits["val"].images[:2]
     tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample)
     best = result.best_metrics
