@@ -97,7 +97,7 @@ def pruned_run():
     tiny = dict(batch_size=32, augment="none", precision="fp32", device="cpu", system_metrics=False)
     pre = run_train(TrainConfig(data=prep, arch="resnet9", epochs=1, lr=0.05, **tiny), "pretrain")
     run_id = run_prune(PruneConfig(model=pre, data=prep, pruning_ratio=0.5, recovery_epochs=1, timing_seconds=0.05,
-                                   **tiny))
+                                   register_as="pruned-digits", **tiny))
     return {"prepare": prep, "pretrain": pre, "prune": run_id}
 
 
@@ -115,6 +115,8 @@ def test_prune_run_logs_a_smaller_model_and_before_after_metrics(pruned_run):
     state, meta = load_model_ref(pruned_run["prune"])
     net = build_logged_net(meta, state)
     assert count_macs_and_params(net, 8)[0] == m["after_macs"]  # the logged model is the measured one
+    champion = mlflow.MlflowClient().get_model_version_by_alias("pruned-digits", "champion")
+    assert champion.run_id == pruned_run["prune"] and m["test_f1_macro"] == pytest.approx(m["after_test_f1_macro"])
 
 
 def test_pruned_model_predicts_through_the_pyfunc_with_the_logged_scores(pruned_run):
