@@ -236,6 +236,8 @@ class PruneConfig:
     recovery_epochs: int = opt(5, "fine-tuning epochs after pruning (0 = none)")
     timing_seconds: float = opt(1.0, "seconds each CPU inference img/s measurement runs (batch 1 and 64, "
                                      "before and after)")
+    timing_threads: int = opt(1, "torch threads of the img/s measurement (0 = torch's default, all cores); 1 "
+                                 "because on a busy machine more threads than free cores run many times slower")
     batch_size: int = _as_in_train("batch_size")
     lr: float = _as_in_train("lr", 0.01)
     weight_decay: float = _as_in_train("weight_decay")
@@ -269,6 +271,8 @@ class PruneConfig:
         if not isinstance(self.recovery_epochs, int) or self.recovery_epochs < 0:
             raise PipelineError(f"recovery_epochs={self.recovery_epochs} must be an integer >= 0 (0 = no fine-tuning)")
         _positive("timing_seconds", self.timing_seconds)
+        if not isinstance(self.timing_threads, int) or self.timing_threads < 0:
+            raise PipelineError(f"timing_threads={self.timing_threads} must be an integer >= 0 (0 = torch's default)")
         _plain_name("register_as", self.register_as)
         self.recovery_config(ARCHS[0])  # validates the training options as TrainConfig does
 

@@ -78,9 +78,9 @@ def state_dict_bytes(net: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def inference_rate(classifier: ImageClassifier, batch_size: int, min_seconds: float) -> float:
-    """Images per second the served model (uint8 in, logits out, fp32) predicts on this machine's CPU,
-    with all the threads torch uses: the median of torch.utils.benchmark's blocked runs."""
+def inference_rate(classifier: ImageClassifier, batch_size: int, min_seconds: float, threads: int = 1) -> float:
+    """Images per second the served model (uint8 in, logits out, fp32) predicts on this machine's CPU
+    with `threads` torch threads (0 = torch's default): the median of torch.utils.benchmark's blocked runs."""
     size = classifier.image_size
     images = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8)
     classifier.cpu().eval()
@@ -88,16 +88,16 @@ def inference_rate(classifier: ImageClassifier, batch_size: int, min_seconds: fl
         classifier(images)  # the first call pays one-off costs (kernel choice, allocations): not timed
     timer = Timer("with torch.inference_mode(): model(images)", globals={"model": classifier, "images": images,
                                                                           "torch": torch},
-                  num_threads=torch.get_num_threads())
+                  num_threads=threads or torch.get_num_threads())
     return batch_size / timer.blocked_autorange(min_run_time=min_seconds).median
 
 
-def measure_cost(net: nn.Module, image_size: int, timing_seconds: float = 1.0) -> dict[str, float]:
+def measure_cost(net: nn.Module, image_size: int, timing_seconds: float = 1.0, threads: int = 1) -> dict[str, float]:
     """params, macs, size_bytes and img_per_s_b<batch> for each of TIMED_BATCHES, on the CPU."""
     net.cpu().eval()
     macs, params = count_macs_and_params(net, image_size)
     classifier = ImageClassifier(net, [], image_size)
     cost = {"params": params, "macs": macs, "size_bytes": state_dict_bytes(net)}
     for batch in TIMED_BATCHES:
-        cost[f"img_per_s_b{batch}"] = inference_rate(classifier, batch, timing_seconds)
+        cost[f"img_per_s_b{batch}"] = inference_rate(classifier, batch, timing_seconds, threads)
     return cost

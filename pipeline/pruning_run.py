@@ -42,14 +42,14 @@ def run_prune(cfg: PruneConfig, nested: bool = False, tags: dict | None = None) 
         _log_inputs(meta, manifest, data_uri)
         seed_everything(cfg.seed)
         net = build_logged_net(meta, state)
-        before, _ = _measure(net, ds, device, cfg.timing_seconds)
+        before, _ = _measure(net, ds, device, cfg)
         taylor = cfg.importance == "taylor"
         gradients = _gradient_batches(ds.splits["train"], ds.image_size, cfg.batch_size) if taylor else ()
         prune_channels(net, ds.image_size, cfg.pruning_ratio, cfg.importance, cfg.iterative_steps, gradients)
         pruned = _score(net, ds, device).metrics
         tracking.log_metrics({f"pruned_{k}": pruned[k] for k in TEST_KEYS})
         best = _recover(net, ds, cfg, meta["arch"])
-        after, report = _measure(net, ds, device, cfg.timing_seconds)
+        after, report = _measure(net, ds, device, cfg)
         _log_comparison(before, after)
         _log_pruned_model(net, ds, meta)
         tracking.set_note(_note(cfg, meta, before, after, best, run.info.run_id))
@@ -92,10 +92,10 @@ def _score(net: torch.nn.Module, ds: DatasetSplits, device: torch.device) -> Eva
     return score_net(net, test.images, test.labels, ds.class_names, "test", device, "fp32")
 
 
-def _measure(net, ds: DatasetSplits, device, timing_seconds: float) -> tuple[dict[str, float], EvaluationReport]:
+def _measure(net, ds: DatasetSplits, device, cfg: PruneConfig) -> tuple[dict[str, float], EvaluationReport]:
     """Cost on the CPU (params, MACs, size, img/s) and test scores: the numbers before/after compare."""
     report = _score(net, ds, device)
-    cost = measure_cost(net, ds.image_size, timing_seconds)
+    cost = measure_cost(net, ds.image_size, cfg.timing_seconds, cfg.timing_threads)
     return {**cost, **{k: report.metrics[k] for k in TEST_KEYS}}, report
 
 
