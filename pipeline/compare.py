@@ -32,7 +32,7 @@ from pipeline.predictions import PREDICTIONS_PATH, TAG_DIGEST, read_predictions,
 from pipeline.references import get_run
 from pipeline.stats import ScoredImages, significance_columns
 
-TRAIN_STEPS = ("pretrain", "finetune")
+TRAIN_STEPS = ("pretrain", "finetune", "prune")
 EVALUATE = "evaluate"
 TAG_MODEL_RUN = "pipeline.upstream.model_run"
 TAG_PARENT = "mlflow.parentRunId"

@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from pipeline.errors import PipelineError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9", "mobilenet_v3_small", "mobilenet_v3_large", "vgg11_bn")
 WEIGHTS = ("none", "imagenet")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -23,6 +23,7 @@ AUGMENTS = ("none", "basic", "strong")
 MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
 SPLITS = ("train", "val", "test")
 ON_BAD_IMAGE = ("skip", "fail")
+IMPORTANCES = ("magnitude", "bn_scale", "taylor")  # how prune scores channels (pipeline.pruning)
 # PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS outright (it only warns above 1x), so this
 # default keeps every image that PIL decodes by default decodable here.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -112,7 +113,11 @@ class TrainConfig:
     """Hyperparameters shared by pretrain and finetune (finetune adds the two last fields)."""
 
     data: str = opt("", "prepare_data run id or dataset artifact URI")
-    arch: str = opt("resnet18", "resnet18 | resnet34 | resnet50 | resnet9; finetune: auto = as pretrained")
+    arch: str = opt(
+        "resnet18",
+        "resnet18 | resnet34 | resnet50 | resnet9 | mobilenet_v3_small | mobilenet_v3_large | vgg11_bn; "
+        "finetune: auto = as pretrained",
+    )
     weights: str = opt("none", "none | imagenet (torchvision's ImageNet weights, from the torch hub cache)")
     epochs: int = opt(10, "passes over the training split")
     batch_size: int = opt(128, "images per optimizer step")
@@ -203,6 +208,80 @@ class TrainConfig:
         if self.arch == "resnet9" and self.weights == "imagenet":
             raise PipelineError("arch=resnet9 has no ImageNet weights; use weights=none or a resnet arch")
         _plain_name("register_as", self.register_as)
+
+    def to_params(self) -> dict:
+        return asdict(self)
+
+
+def _as_in_train(name: str, default=MISSING):
+    """A field of another step's config that means what TrainConfig's field `name` means: same help."""
+    train_field = next(f for f in fields(TrainConfig) if f.name == name)
+    return field(default=train_field.default if default is MISSING else default, metadata=train_field.metadata)
+
+
+# The training options prune's recovery fine-tuning takes, as TrainConfig spells them.
+RECOVERY_OPTIONS = ("batch_size", "lr", "weight_decay", "optimizer", "label_smoothing", "schedule", "warmup_epochs",
+                    "patience", "monitor", "augment", "ema", "precision", "device", "seed", "system_metrics")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """prune: remove whole channels from a trained model, fine-tune to recover, log the smaller model."""
+
+    model: str = opt("", "run id, runs:/ or models:/ URI of the trained model to prune")
+    data: str = opt("", "prepare_data run id or dataset URI: the model's dataset (train/val to recover, test to score)")
+    pruning_ratio: float = opt(0.5, "share of the channels removed from every prunable layer, in (0, 1); "
+                                    "MACs fall to about (1 - ratio)^2")
+    importance: str = opt("magnitude", "magnitude (L2 norm of weights) | bn_scale (|BatchNorm gamma|) | "
+                                       "taylor (|weight x gradient| on a few training batches)")
+    iterative_steps: int = opt(1, "prune in this many equal steps, re-scoring channels between steps")
+    recovery_epochs: int = opt(5, "fine-tuning epochs after pruning (0 = none)")
+    timing_seconds: float = opt(1.0, "seconds each CPU inference img/s measurement runs (batch 1 and 64, "
+                                     "before and after)")
+    timing_threads: int = opt(1, "torch threads of the img/s measurement (0 = torch's default, all cores); 1 "
+                                 "because on a busy machine more threads than free cores run many times slower")
+    batch_size: int = _as_in_train("batch_size")
+    lr: float = _as_in_train("lr", 0.01)
+    weight_decay: float = _as_in_train("weight_decay")
+    optimizer: str = _as_in_train("optimizer")
+    label_smoothing: float = _as_in_train("label_smoothing")
+    schedule: str = _as_in_train("schedule")
+    warmup_epochs: float = _as_in_train("warmup_epochs")
+    patience: int = _as_in_train("patience")
+    monitor: str = _as_in_train("monitor")
+    augment: str = _as_in_train("augment")
+    ema: float = _as_in_train("ema")
+    precision: str = _as_in_train("precision")
+    device: str = _as_in_train("device")
+    seed: int = _as_in_train("seed")
+    system_metrics: bool = _as_in_train("system_metrics")
+    register_as: str = opt("", "registered model name: register the pruned model with its test metrics (alias "
+                               "`champion` moves on better test macro-F1); empty = do not register")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise PipelineError("model is empty; pass a pretrain/finetune/prune run id or a runs:/ or models:/ URI")
+        if not self.data:
+            raise PipelineError("data is empty; pass the model's prepare_data run id or dataset URI")
+        if not (isinstance(self.pruning_ratio, (int, float)) and 0.0 < self.pruning_ratio < 1.0):
+            raise PipelineError(
+                f"pruning_ratio={self.pruning_ratio} is out of range; use a fraction in (0, 1), e.g. 0.5"
+            )
+        _choice("importance", self.importance, IMPORTANCES)
+        if not isinstance(self.iterative_steps, int) or self.iterative_steps < 1:
+            raise PipelineError(f"iterative_steps={self.iterative_steps} must be an integer >= 1")
+        if not isinstance(self.recovery_epochs, int) or self.recovery_epochs < 0:
+            raise PipelineError(f"recovery_epochs={self.recovery_epochs} must be an integer >= 0 (0 = no fine-tuning)")
+        _positive("timing_seconds", self.timing_seconds)
+        if not isinstance(self.timing_threads, int) or self.timing_threads < 0:
+            raise PipelineError(f"timing_threads={self.timing_threads} must be an integer >= 0 (0 = torch's default)")
+        _plain_name("register_as", self.register_as)
+        self.recovery_config(ARCHS[0])  # validates the training options as TrainConfig does
+
+    def recovery_config(self, arch: str) -> TrainConfig:
+        """The TrainConfig of the recovery fine-tuning of a pruned `arch` (epochs >= 1 for TrainConfig's sake)."""
+        options = {name: getattr(self, name) for name in RECOVERY_OPTIONS}
+        return TrainConfig(data=self.data, arch=arch, epochs=max(1, self.recovery_epochs), **options)
 
     def to_params(self) -> dict:
         return asdict(self)

@@ -1,7 +1,9 @@
 """Networks for small images, their stages, and freezing.
 
-Every network exposes the same attributes, so stage-wise freezing is one rule for all:
-conv1 + bn1 (the stem), layer1 .. layer4, and fc = Sequential(Dropout, Linear) (the head).
+Every network exposes the same five stages and a head, so stage-wise freezing is one rule for all:
+the stem (conv1 + bn1 on the ResNets, `stem` on the others), layer1 .. layer4, and the head `fc`,
+a Sequential whose last module is the class Linear. Each stage of the small-image nets ends at the
+resolution of the same ResNet-18 stage (32 px in: 32, 32, 16, 8, 4).
 """
 
 from __future__ import annotations
@@ -15,6 +17,18 @@ from pipeline.data.loader import prepare_input
 from pipeline.errors import PipelineError
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
+MOBILENET_ARCHS = ("mobilenet_v3_small", "mobilenet_v3_large")
+VGG_ARCHS = ("vgg11_bn",)
+ALL_ARCHS = ("resnet9", *TORCHVISION_ARCHS, *MOBILENET_ARCHS, *VGG_ARCHS)
+# torchvision's MobileNetV3 `features` split into stem, layer1..layer4 (slices of block indices):
+# each layer ends where the ImageNet net's resolution halves next.
+MOBILENET_STAGES = {
+    "mobilenet_v3_small": (slice(0, 1), slice(1, 2), slice(2, 4), slice(4, 9), slice(9, 13)),
+    "mobilenet_v3_large": (slice(0, 1), slice(1, 4), slice(4, 7), slice(7, 13), slice(13, 17)),
+}
+# vgg11_bn `features`: stem = conv64, layer1 = conv128, layer2..4 = pool + two convs. The first and
+# last max-pools are dropped (as the ResNets drop stride and max-pool), so 8 px images still fit.
+VGG_STAGES = (slice(0, 3), slice(4, 7), slice(7, 14), slice(14, 21), slice(21, 28))
 
 
 def _conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
@@ -81,17 +95,80 @@ def _small_image_resnet(arch: str, num_classes: int, dropout: float, weights: st
     return net
 
 
+class StagedNet(nn.Module):
+    """stem -> layer1 .. layer4 -> global average pool -> fc: a torchvision net cut into the five stages."""
+
+    def __init__(self, parts: list[nn.Module], fc: nn.Sequential):
+        super().__init__()
+        self.stem, self.layer1, self.layer2, self.layer3, self.layer4 = parts
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _torchvision_net(arch: str, weights: str) -> nn.Module:
+    net = torchvision.models.get_model(arch, weights=None)
+    if weights == "imagenet":
+        net.load_state_dict(load_imagenet_state_dict(arch))
+    return net
+
+
+def _unstride(block: nn.Module) -> None:
+    """Make the stride-2 convolutions of a block stride 1 (the block's weights stay valid)."""
+    for conv in block.modules():
+        if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2):
+            conv.stride = (1, 1)
+
+
+def _small_image_mobilenet(arch: str, num_classes: int, dropout: float, weights: str) -> StagedNet:
+    net = _torchvision_net(arch, weights)
+    # Small-image stem as for the ResNets: the stem and the first stride-2 block stride 1, overall stride 8.
+    first_strided = 1 if arch == "mobilenet_v3_small" else 2
+    _unstride(net.features[0])
+    _unstride(net.features[first_strided])
+    parts = [nn.Sequential(*net.features[s]) for s in MOBILENET_STAGES[arch]]
+    hidden = net.classifier[0]  # the 1024/1280-wide hidden layer stays: MobileNetV3 leans on it
+    fc = nn.Sequential(hidden, nn.Hardswish(), nn.Dropout(dropout), nn.Linear(hidden.out_features, num_classes))
+    return StagedNet(parts, fc)
+
+
+def _vgg_features(arch: str, weights: str) -> nn.Sequential:
+    """vgg11_bn's convolutional part alone: building torchvision's whole net would first initialise
+    its 120M-parameter classifier, several seconds on a small CPU, only to throw it away."""
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["A"], batch_norm=True)
+    if weights == "imagenet":
+        state = load_imagenet_state_dict(arch)
+        prefix = "features."
+        features.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    return features
+
+
+def _small_image_vgg(arch: str, num_classes: int, dropout: float, weights: str) -> StagedNet:
+    features = _vgg_features(arch, weights)
+    parts = [nn.Sequential(*features[s]) for s in VGG_STAGES]
+    # The 7x7x512 -> 4096 -> 4096 ImageNet classifier (120M parameters) makes no sense at 32 px:
+    # one Linear on the pooled 512 features, as CIFAR VGGs do.
+    return StagedNet(parts, nn.Sequential(nn.Dropout(dropout), nn.Linear(512, num_classes)))
+
+
 def create_model(arch: str, num_classes: int, dropout: float = 0.0, weights: str = "none") -> nn.Module:
     if arch == "resnet9":
         return ResNet9(num_classes, dropout)
     if arch in TORCHVISION_ARCHS:
         return _small_image_resnet(arch, num_classes, dropout, weights)
-    raise PipelineError(f"unknown arch {arch!r}; use one of resnet9, {', '.join(TORCHVISION_ARCHS)}")
+    if arch in MOBILENET_ARCHS:
+        return _small_image_mobilenet(arch, num_classes, dropout, weights)
+    if arch in VGG_ARCHS:
+        return _small_image_vgg(arch, num_classes, dropout, weights)
+    raise PipelineError(f"unknown arch {arch!r}; use one of {', '.join(ALL_ARCHS)}")
 
 
 def stages(model: nn.Module) -> list[list[nn.Module]]:
     """The config.NUM_STAGES freezable stages in order: stem, layer1, layer2, layer3, layer4."""
-    return [[model.conv1, model.bn1], [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
+    stem = [model.stem] if isinstance(model, StagedNet) else [model.conv1, model.bn1]
+    return [stem, [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
 
 
 def freeze(model: nn.Module, frozen_layers: int) -> None:
@@ -128,9 +205,57 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
     model.fc[-1] = nn.Linear(linear.in_features, num_classes)
 
 
+PRUNED_LAYERS = "pruned_layers"  # model_meta.json key: {layer name: its shape} where pruning changed it
+# The constructor arguments that define each prunable layer's shape (the rest is copied from the unpruned layer).
+SHAPE_FIELDS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.BatchNorm2d: ("num_features",),
+                nn.Linear: ("in_features", "out_features")}
+
+
+def layer_shapes(net: nn.Module) -> dict[str, dict[str, int]]:
+    """{module name: {"type": ..., shape fields}} for every Conv2d, BatchNorm2d and Linear of `net`."""
+    shapes = {}
+    for name, module in net.named_modules():
+        kind = type(module)
+        if kind in SHAPE_FIELDS:
+            shapes[name] = {"type": kind.__name__, **{f: getattr(module, f) for f in SHAPE_FIELDS[kind]}}
+    return shapes
+
+
+def pruned_layers(net: nn.Module, arch: str, num_classes: int) -> dict[str, dict[str, int]]:
+    """The layers of `net` whose shape differs from create_model(arch, num_classes)'s: {} for an unpruned net.
+
+    What a logged model's metadata records, so that its network is rebuilt without unpickling a module."""
+    reference = layer_shapes(create_model(arch, num_classes))
+    return {name: shape for name, shape in layer_shapes(net).items() if reference.get(name) != shape}
+
+
+def _resized(module: nn.Module, shape: dict[str, int]) -> nn.Module:
+    """A fresh layer like `module` (kernel, stride, bias, eps...) with the channel counts in `shape`."""
+    if isinstance(module, nn.Conv2d):
+        return nn.Conv2d(shape["in_channels"], shape["out_channels"], module.kernel_size, module.stride,
+                         module.padding, module.dilation, shape["groups"], module.bias is not None, module.padding_mode)
+    if isinstance(module, nn.BatchNorm2d):
+        return nn.BatchNorm2d(shape["num_features"], module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+    return nn.Linear(shape["in_features"], shape["out_features"], module.bias is not None)
+
+
+def apply_layer_shapes(net: nn.Module, shapes: dict[str, dict[str, int]]) -> None:
+    """Replace the named layers of an unpruned `net` by ones of the recorded shapes (a pruned net's)."""
+    for name, shape in shapes.items():
+        module = net.get_submodule(name)
+        if type(module).__name__ != shape["type"]:
+            raise PipelineError(f"pruned layer {name!r} is a {shape['type']} in the model's metadata but a "
+                                f"{type(module).__name__} in {type(net).__name__}; the model was logged by other code")
+        parent_name, _, attr = name.rpartition(".")
+        setattr(net.get_submodule(parent_name), attr, _resized(module, shape))
+
+
 def build_logged_net(meta: dict, state: dict) -> nn.Module:
-    """The network of a logged model, from its metadata (arch, num_classes, dropout) and state dict."""
+    """The network of a logged model, from its metadata (arch, num_classes, dropout, pruned_layers)
+    and state dict: a pruned model's layers are rebuilt at their recorded shapes before loading."""
     net = create_model(meta["arch"], meta["num_classes"], meta.get("dropout", 0.0))
+    apply_layer_shapes(net, meta.get(PRUNED_LAYERS, {}))
     net.load_state_dict(state)
     return net
 

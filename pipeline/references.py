@@ -24,7 +24,8 @@ from pipeline.tracking import DATASET_ARTIFACT, META_FILE, MODEL_ARTIFACTS, MODE
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 # What each step's run holds, for the error when a run id of the wrong kind is passed.
-RUN_HOLDS = {"prepare_data": "a dataset", "pretrain": "a model", "finetune": "a model", "evaluate": "test results",
+RUN_HOLDS = {"prepare_data": "a dataset", "pretrain": "a model", "finetune": "a model",
+             "prune": "a model", "evaluate": "test results",
              "main": "a whole pipeline", "tune": "a study", "tune_worker": "one worker's share of a study"}
 # Where a run of another kind points at the run that was probably meant: {step: {wanted: tag}}.
 RUN_POINTERS = {
@@ -137,7 +138,7 @@ def load_dataset_ref(ref: str, splits=("train", "val", "test")):
 
 def model_uri(ref: str) -> str:
     if RUN_ID.match(ref):
-        _require_kind(ref, ("pretrain", "finetune"), "model", "a pretrain or finetune run id")
+        _require_kind(ref, ("pretrain", "finetune", "prune"), "model", "a pretrain, finetune or prune run id")
         return f"runs:/{ref}/{MODEL_NAME}"
     if ref.startswith(("runs:/", "models:/")) or os.path.isdir(ref):
         return ref

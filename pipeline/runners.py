@@ -29,7 +29,16 @@ from pipeline.device import predict_logits, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
 from pipeline.evaluation_logging import log_evaluation, log_predictions
-from pipeline.models import ImageClassifier, build_logged_net, count_trainable, create_model, freeze, replace_head
+from pipeline.models import (
+    PRUNED_LAYERS,
+    ImageClassifier,
+    build_logged_net,
+    count_trainable,
+    create_model,
+    freeze,
+    pruned_layers,
+    replace_head,
+)
 from pipeline.precision import resolve_cpu_amp_dtype
 from pipeline.references import load_dataset_ref, load_model_ref, run_name_of
 from pipeline.run_checkpoints import (
@@ -104,6 +113,7 @@ class TrainingInputs:
     net: torch.nn.Module
     upstream: dict[str, str]  # pipeline.upstream.* tags: the dataset (and pretrained model) it came from
     origin: str  # for the run's description: " from scratch", " from `<model uri>` with the first k ... frozen"
+    pruned: bool = False  # fine-tuned from a pruned model: its layer shapes go into the logged model's meta
 
 
 def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | None = None,
@@ -183,10 +193,12 @@ def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
         upstream["pipeline.upstream.pretrained"] = meta["model_uri"]
         upstream["pipeline.upstream.pretrained_run"] = meta["source_run_id"]
         origin = f" from `{meta['model_uri']}` with the first {cfg.frozen_layers} of {NUM_STAGES} stages frozen"
+        pruned = bool(meta.get(PRUNED_LAYERS))
     else:
         net = create_model(cfg.arch, ds.num_classes, cfg.dropout, cfg.weights)
         origin = f" from {'ImageNet' if cfg.weights == 'imagenet' else 'scratch'}"
-    return TrainingInputs(cfg, ds, manifest, data_uri, net, upstream, origin)
+        pruned = False
+    return TrainingInputs(cfg, ds, manifest, data_uri, net, upstream, origin, pruned)
 
 
 def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch.nn.Module, TrainConfig, dict]:
@@ -196,8 +208,7 @@ def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch
             f"pretrained model {cfg.pretrained!r} is a {meta['arch']}, not arch={cfg.arch}; "
             f"set arch={meta['arch']} (or auto)"
         )
-    net = create_model(meta["arch"], meta["num_classes"], cfg.dropout)
-    net.load_state_dict(state)
+    net = build_logged_net({**meta, "dropout": cfg.dropout}, state)  # a pruned model's layers at their shapes
     if list(meta["class_names"]) != list(class_names):
         replace_head(net, len(class_names))  # a new class set needs a fresh head
     freeze(net, cfg.frozen_layers)
@@ -294,7 +305,8 @@ def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, r
     mlflow.set_tag(TAG_STOPPED_EARLY, str(result.stopped_early).lower())
     meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names,
             "image_size": ds.image_size, "dropout": cfg.dropout,
-            "temperature": calibrate_on_val(inputs)}  # null: calibrate=false, plain softmax
+            "temperature": calibrate_on_val(inputs),  # null: calibrate=false, plain softmax
+            PRUNED_LAYERS: pruned_layers(net, cfg.arch, ds.num_classes) if inputs.pruned else {}}
     sample = ds.splits["val"].images[:2]
     tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample, input_example)
     best = result.best_metrics

@@ -106,3 +106,52 @@ def test_imagenet_weights_offline_give_one_clear_line(tmp_path, monkeypatch):
         PipelineError, match=r"resnet18-f37072fd.pth into \$TORCH_HOME/hub/checkpoints/ .* or use weights=none"
     ):
         create_model("resnet18", 5, weights="imagenet")
+
+
+BUDGET_ARCHS = ["mobilenet_v3_small", "mobilenet_v3_large", "vgg11_bn"]
+
+
+@pytest.mark.parametrize("arch", BUDGET_ARCHS)
+def test_budget_archs_run_on_small_images_with_five_stages_at_resnet_resolutions(arch):
+    net = create_model(arch, 7).eval()
+    assert net(torch.zeros(2, 3, 16, 16)).shape == (2, 7)
+    assert net(torch.zeros(1, 3, 8, 8)).shape == (1, 7)  # digits-sized images survive the downsampling
+    x, sides = torch.zeros(1, 3, 32, 32), []
+    for stage in stages(net):
+        assert len(stage) == 1  # one module per stage; the head is net.fc, outside every stage
+        x = stage[0](x)
+        sides.append(x.shape[-1])
+    assert sides == [32, 32, 16, 8, 4]  # where ResNet-18's small-image stages end
+    assert not any(p is q for stage in stages(net) for p in stage[0].parameters() for q in net.fc.parameters())
+    assert len(stages(net)) == NUM_STAGES
+
+
+@pytest.mark.parametrize("arch", BUDGET_ARCHS)
+def test_budget_archs_freeze_by_stage_and_keep_frozen_batchnorm_in_eval(arch):
+    torch.manual_seed(0)
+    net = create_model(arch, 3)
+    freeze(net, 3)
+    set_train_mode(net)
+    frozen = [m for stage in stages(net)[:3] for m in stage]
+    frozen_bns = [bn for m in frozen for bn in m.modules() if isinstance(bn, torch.nn.BatchNorm2d)]
+    assert frozen_bns and not any(bn.training for bn in frozen_bns)
+    assert all(bn.training for bn in stages(net)[3][0].modules() if isinstance(bn, torch.nn.BatchNorm2d))
+    before = [t.clone() for m in frozen for t in m.state_dict().values()]
+    trained_before = stages(net)[4][0].state_dict()
+    trained_before = {k: v.clone() for k, v in trained_before.items()}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    torch.nn.functional.cross_entropy(net(torch.randn(4, 3, 16, 16) * 3 + 1), torch.arange(4) % 3).backward()
+    opt.step()
+    after = [t for m in frozen for t in m.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # weights and BN running statistics
+    changed = [k for k, v in stages(net)[4][0].state_dict().items() if not torch.equal(v, trained_before[k])]
+    assert any("running_mean" in k for k in changed) and any(k.endswith("weight") for k in changed)
+
+
+def test_budget_archs_have_the_parameter_counts_of_their_torchvision_features():
+    """The small-image nets keep torchvision's convolutional layers: same parameters, minus the heads."""
+    for arch in ("mobilenet_v3_small", "vgg11_bn"):
+        ours = create_model(arch, 10)
+        reference = torchvision.models.get_model(arch, weights=None)
+        ref_convs = sum(p.numel() for p in reference.features.parameters())
+        assert sum(p.numel() for s in stages(ours) for m in s for p in m.parameters()) == ref_convs

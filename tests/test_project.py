@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["main", "prepare_data", "pretrain", "finetune", "evaluate", "compare"]
+STEPS = ["main", "prepare_data", "pretrain", "finetune", "evaluate", "compare", "prune"]
 
 
 _env = subprocess_env
@@ -123,3 +123,18 @@ def test_main_spreads_its_options_over_the_steps():
     assert (chain.finetune.epochs, chain.finetune.lr, chain.finetune.frozen_layers) == (1, 0.01, 4)
     assert chain.prepare.seed == chain.pretrain.seed == chain.finetune.seed == 7
     assert chain.register_as == "m" and chain.finetune.register_as == ""  # registered after evaluate, not by finetune
+
+
+def test_prune_defaults_are_the_mlproject_defaults():
+    from pipeline.config import PruneConfig
+
+    params = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["prune"]["parameters"]
+    defaults = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
+    assert set(params) == set(defaults)
+    for name, spec in params.items():
+        default = defaults[name]
+        if not isinstance(spec, dict):  # required: `model: string`
+            assert default == "", name
+            continue
+        expected = str(default).lower() if isinstance(default, bool) else default
+        assert (float(spec["default"]) if spec["type"] == "float" else spec["default"]) == expected, name
