@@ -259,6 +259,9 @@ def _fit_uploading_checkpoints(inputs: TrainingInputs, step: str, resume_state: 
     needs it there; it stays when the tracking server is lost mid-run, for the resume command printed then.
     """
     cfg, ds = inputs.cfg, inputs.ds
+    if hooks.upload_checkpoints and hooks.upload_every < cfg.checkpoint_every:
+        # Uploads more often than fit() writes would send the same file again: write as often as it goes up.
+        cfg = dataclasses.replace(cfg, checkpoint_every=hooks.upload_every)
     run_id = mlflow.active_run().info.run_id if world.is_main else ""
     ckpt = preflight.kept_checkpoint_path(run_id, LAST_CHECKPOINT) if world.is_main else None
     uploads = CheckpointUploads(ckpt, hooks.upload_checkpoints, hooks.upload_every)
