@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import mlflow
 
 from pipeline import tracking
-from pipeline.config import NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig, opt
+from pipeline.config import ARCHS, NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig, opt
 from pipeline.references import run_name_of
 from pipeline.registry import register_evaluated
 from pipeline.runners import run_evaluate, run_prepare, run_train
@@ -48,7 +48,7 @@ class MainConfig:
     test_fraction: float = opt(0.1, "share held out for test when the source has none")
     classes: str = opt("", "comma-separated class subset (empty = all)")
     samples_per_class: int = opt(0, "cap on training images per class (0 = all)")
-    arch: str = opt("resnet18", "resnet18 | resnet34 | resnet50 | resnet9")
+    arch: str = opt("resnet18", " | ".join(ARCHS))
     weights: str = opt("none", "pretrain start: none | imagenet")
     pretrain_epochs: int = opt(10, "epochs of pretraining")
     finetune_epochs: int = opt(5, "epochs of fine-tuning")
@@ -56,7 +56,7 @@ class MainConfig:
     pretrain_lr: float = opt(0.05, "peak learning rate of pretrain")
     finetune_lr: float = opt(0.01, "peak learning rate of finetune")
     augment: str = opt("basic", "none | basic (crop + flip) | strong (+ rotation, scale)")
-    frozen_layers: int = opt(3, "finetune: freeze the first k stages (0-5)")
+    frozen_layers: int = opt(3, f"finetune: freeze the first k stages (0-{NUM_STAGES})")
     precision: str = opt("auto", "auto | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda")
     seed: int = opt(0, "seed for splits, init, shuffling, augmentation")

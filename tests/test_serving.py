@@ -84,13 +84,8 @@ def test_split(trained):
 
 def _reference_predictions(run_id: str, images: np.ndarray) -> np.ndarray:
     """Class indices from the run's plain state dict, normalizing by hand: independent of the pyfunc."""
-    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
-    meta = json.loads((folder / "artifacts" / "model_meta.json").read_text())
-    net = create_model(meta["arch"], meta["num_classes"])
-    net.load_state_dict(torch.load(folder / "artifacts" / "state_dict.pt", weights_only=True))
-    x = (images.astype(np.float32) / 255 - MEAN) / STD
-    with torch.no_grad():
-        return net.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).argmax(1).numpy()
+    logits, _ = _hand_logits(run_id, images)
+    return logits.argmax(1)
 
 
 def test_pyfunc_model_returns_class_names_and_probabilities(trained, test_split):
