@@ -42,8 +42,9 @@ def test_average_precision_equals_sklearn_on_independent_predictions(trained):
     net = create_model(meta["arch"], meta["num_classes"], meta["dropout"])
     net.load_state_dict(state)
     model = ImageClassifier(net, meta["class_names"], meta["image_size"]).eval()
+    temperature = meta.get("temperature") or 1.0  # the served probabilities, calibrated by the run's temperature
     with torch.no_grad():  # the exported forward: uint8 images in, logits out (not evaluate's batching path)
-        probs = torch.softmax(model(torch.from_numpy(test.images)).float(), 1).numpy()
+        probs = torch.softmax(model(torch.from_numpy(test.images)).float() / temperature, 1).numpy()
     onehot = label_binarize(test.labels, classes=list(range(10)))
     m = mlflow.get_run(trained.evaluate).data.metrics
     assert m["test_average_precision_macro"] == pytest.approx(
