@@ -63,21 +63,27 @@ def load_resume_point(run_id: str, step: str) -> tuple[dict, dict]:
 
 
 class CheckpointUploads:
-    """When the local checkpoint at `path` (rewritten by fit() after every epoch) goes up to the active run.
+    """When the local checkpoint at `path` (rewritten by fit() every cfg.checkpoint_every seconds) goes up
+    to the active run.
 
     Uploading costs ~0.3 s per 100 MB, so it goes up at most once every `every` seconds after an epoch,
-    and on interruption, so that `resume` finds the last finished epoch. enabled=False keeps it local
-    (tuning trials without heartbeats: ~100 MB each, never resumed).
+    and only when fit() has written a newer one since; and on interruption, so that `resume` finds the
+    last finished epoch. enabled=False keeps it local (tuning trials without heartbeats: ~100 MB each,
+    never resumed).
     """
 
     def __init__(self, path: str | None, enabled: bool = True, every: float = CHECKPOINT_UPLOAD_S):
         self.path, self.enabled, self.every = path, enabled, every
         self._last = time.monotonic()
+        self._uploaded_mtime: float | None = None
 
     def after_epoch(self) -> None:
-        if self.enabled and time.monotonic() - self._last >= self.every:
-            log_checkpoint(self.path)
+        if self.enabled and time.monotonic() - self._last >= self.every and self._has_new_checkpoint():
+            self.upload_now()
             self._last = time.monotonic()
+
+    def _has_new_checkpoint(self) -> bool:
+        return bool(self.path) and os.path.exists(self.path) and os.path.getmtime(self.path) != self._uploaded_mtime
 
     def on_interrupt(self) -> None:
         if self.enabled:
@@ -86,4 +92,5 @@ class CheckpointUploads:
     def upload_now(self) -> None:
         """Upload the checkpoint now, if fit() wrote one (only rank 0 has a path)."""
         if self.path and os.path.exists(self.path):
+            self._uploaded_mtime = os.path.getmtime(self.path)
             log_checkpoint(self.path)
