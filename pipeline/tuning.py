@@ -242,20 +242,9 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
         try:
             # With heartbeats a dead worker's trial is retried from its checkpoint, so it goes up once per
             # heartbeat interval (and is deleted when the trial ends); without, it stays local (~100 MB).
-            run_id = run_train(
-                trial_config(cfg, params),
-                "finetune",
-                nested=True,
-                tags=tags,
-                hooks=TrialHooks(
-                    on_epoch=on_epoch,
-                    stopped=(optuna.TrialPruned,),
-                    upload_checkpoints=heartbeats,
-                    upload_every=cfg.heartbeat,
-                    start_from=start_from,
-                    input_example=False,
-                ),
-            )
+            hooks = TrialHooks(on_epoch=on_epoch, stopped=(optuna.TrialPruned,), upload_checkpoints=heartbeats,
+                               upload_every=cfg.heartbeat, start_from=start_from, input_example=False)
+            run_id = run_train(trial_config(cfg, params), "finetune", nested=True, tags=tags, hooks=hooks)
             seen["run_id"] = run_id
             value = mlflow.get_run(run_id).data.metrics.get(f"best_{cfg.metric}", math.nan)
             if not math.isfinite(value):

@@ -28,6 +28,11 @@ os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
+# What fit() reports after every epoch (the on_epoch callback, and each training run's per-epoch metrics).
+EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro",
+                 "val_f1_macro", "lr", "images_per_sec"}
+
+
 def subprocess_env(**extra: str) -> dict:
     """The environment for a step, `mlflow` or `torchrun` subprocess: this session's tracking store,
     the venv's bin first on PATH (as when activated: `mlflow run` and `mlflow models serve` run

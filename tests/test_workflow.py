@@ -17,6 +17,7 @@ from pipeline.data.store import load_dataset
 from pipeline.errors import PipelineError
 from pipeline.run_checkpoints import CHECKPOINT_DIR, LAST_CHECKPOINT, CheckpointUploads
 from pipeline.runners import TrialHooks, run_evaluate, run_train
+from tests.conftest import EPOCH_METRICS
 
 TRAIN_PARAMS = {
     "data",
@@ -31,17 +32,6 @@ TRAIN_PARAMS = {
     "precision",
     "device",
     "seed",
-}
-EPOCH_METRICS = {
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "val_precision_macro",
-    "val_recall_macro",
-    "val_f1_macro",
-    "lr",
-    "images_per_sec",
 }
 
 
