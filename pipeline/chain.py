@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import mlflow
 
 from pipeline import tracking
-from pipeline.config import ARCHS, NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig, opt
+from pipeline.config import ARCHS, NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig, opt, same_as
 from pipeline.references import run_name_of
 from pipeline.registry import register_evaluated
 from pipeline.runners import run_evaluate, run_prepare, run_train
@@ -41,29 +41,28 @@ class MainConfig:
     """main's options (steps/main.py generates its command line from these): one value per option, or
     one per training step where they differ (epochs, lr); to_chain() spreads them over the steps."""
 
-    source: str = opt("cifar10", "cifar10 | digits | image folder or archive path")
-    data_dir: str = opt("data", "download cache for CIFAR-10")
-    image_size: int = opt(32, "pixels (square)")
-    val_fraction: float = opt(0.1, "share of training images held out for validation")
-    test_fraction: float = opt(0.1, "share held out for test when the source has none")
-    classes: str = opt("", "comma-separated class subset (empty = all)")
-    samples_per_class: int = opt(0, "cap on training images per class (0 = all)")
-    arch: str = opt("resnet18", " | ".join(ARCHS))
-    weights: str = opt("none", "pretrain start: none | imagenet")
+    source: str = same_as(PrepareConfig, "source")
+    data_dir: str = same_as(PrepareConfig, "data_dir")
+    image_size: int = same_as(PrepareConfig, "image_size")
+    val_fraction: float = same_as(PrepareConfig, "val_fraction")
+    test_fraction: float = same_as(PrepareConfig, "test_fraction")
+    classes: str = same_as(PrepareConfig, "classes")
+    samples_per_class: int = same_as(PrepareConfig, "samples_per_class")
+    arch: str = opt("resnet18", " | ".join(ARCHS))  # not TrainConfig's: auto means nothing before pretrain
+    weights: str = same_as(TrainConfig, "weights")
     pretrain_epochs: int = opt(10, "epochs of pretraining")
     finetune_epochs: int = opt(5, "epochs of fine-tuning")
-    batch_size: int = opt(128, "images per step (both training steps)")
+    batch_size: int = same_as(TrainConfig, "batch_size")
     pretrain_lr: float = opt(0.05, "peak learning rate of pretrain")
     finetune_lr: float = opt(0.01, "peak learning rate of finetune")
-    augment: str = opt("basic", "none | basic (crop + flip) | strong (+ rotation, scale)")
-    frozen_layers: int = opt(3, f"finetune: freeze the first k stages (0-{NUM_STAGES})")
-    precision: str = opt("auto", "auto | bf16 | fp32")
-    device: str = opt("auto", "auto | cpu | cuda")
+    augment: str = same_as(TrainConfig, "augment")
+    frozen_layers: int = same_as(TrainConfig, "frozen_layers", 3)
+    precision: str = same_as(TrainConfig, "precision")
+    device: str = same_as(TrainConfig, "device")
     seed: int = opt(0, "seed for splits, init, shuffling, augmentation")
     register_as: str = opt("", "registered model name for the fine-tuned model, described with its test metrics "
                                "(alias `champion` moves on better test macro-F1); empty = do not register")
-    system_metrics: bool = opt(True, "training runs log CPU/memory (and GPU with pynvml) as system/* metrics; "
-                                     "false = off")
+    system_metrics: bool = same_as(TrainConfig, "system_metrics")
 
     def to_chain(self) -> ChainConfig:
         """The step configs (each validates its part); finetune's `pretrained` is filled in by the chain."""

@@ -1,78 +1,35 @@
-"""One frozen dataclass per step, validated on construction with messages that say the fix.
-
-Validation happens here, before any expensive work (decoding images, opening a study).
-"""
+"""The pipeline steps' configs: prepare_data, pretrain/finetune, prune and evaluate."""
 
 from __future__ import annotations
 
-import math
-import os
-import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
+from pipeline.config.base import (
+    ARCHS,
+    AUGMENTS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    EVAL_BATCH,
+    IMPORTANCES,
+    MAX_IMAGE_PIXELS_HELP,
+    MONITORS,
+    NUM_STAGES,
+    ON_BAD_IMAGE,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    SPLITS,
+    WEIGHTS,
+    _choice,
+    _device,
+    _fraction,
+    _non_negative,
+    _pixel_limit,
+    _plain_name,
+    _positive,
+    opt,
+    same_as,
+)
 from pipeline.errors import PipelineError
-
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9", "mobilenet_v3_small", "mobilenet_v3_large", "vgg11_bn")
-WEIGHTS = ("none", "imagenet")
-OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda", "cuda:<K>")  # cuda:K = the K-th visible GPU (one per tune worker)
-CUDA_INDEXED = re.compile(r"^cuda:[0-9]+$")
-SCHEDULES = ("cosine", "onecycle", "plateau", "constant")
-AUGMENTS = ("none", "basic", "strong")
-MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
-SPLITS = ("train", "val", "test")
-ON_BAD_IMAGE = ("skip", "fail")
-IMPORTANCES = ("magnitude", "bn_scale", "taylor")  # how prune scores channels (pipeline.pruning)
-# PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS outright (it only warns above 1x), so this
-# default keeps every image that PIL decodes by default decodable here.
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
-MAX_IMAGE_PIXELS_HELP = ("image folders: files with more pixels (width x height) are skipped undecoded, "
-                         "as on_bad_image says; 0 = no limit")
-NUM_STAGES = 5  # stem, layer1, layer2, layer3, layer4: what frozen_layers counts
-# Images per inference forward pass (validation, evaluate, registry scoring). Defined here, not in
-# pipeline.device, so that the configs stay importable without torch; pipeline.device re-exports it.
-EVAL_BATCH = 512
-
-
-def opt(default, help: str):
-    """A config field whose help text is shown by the step's --help (one source of truth)."""
-    return field(default=default, metadata={"help": help})
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise PipelineError(f"{name}={value!r} is not supported; use one of: {', '.join(allowed)}")
-
-
-def _device(name: str, value: str) -> None:
-    if not (isinstance(value, str) and CUDA_INDEXED.match(value)):
-        _choice(name, value, DEVICES[:-1] + ("cuda:0", "cuda:1", "..."))
-
-
-def _fraction(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-        raise PipelineError(f"{name}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
-
-
-def _positive(name: str, value: float, kind: str = "number") -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise PipelineError(f"{name}={value} must be a positive {kind}")
-
-
-def _non_negative(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise PipelineError(f"{name}={value} must be >= 0")
-
-
-def _pixel_limit(value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise PipelineError(f"max_image_pixels={value} must be an integer >= 0 (0 = no limit), e.g. 178956970")
-
-
-def _plain_name(name: str, value: str) -> None:
-    if "'" in value or '"' in value:
-        raise PipelineError(f"{name}={value!r} contains a quote; use a plain name, e.g. cifar10-resnet18")
 
 
 @dataclass(frozen=True)
@@ -213,12 +170,6 @@ class TrainConfig:
         return asdict(self)
 
 
-def _as_in_train(name: str, default=MISSING):
-    """A field of another step's config that means what TrainConfig's field `name` means: same help."""
-    train_field = next(f for f in fields(TrainConfig) if f.name == name)
-    return field(default=train_field.default if default is MISSING else default, metadata=train_field.metadata)
-
-
 # The training options prune's recovery fine-tuning takes, as TrainConfig spells them.
 RECOVERY_OPTIONS = ("batch_size", "lr", "weight_decay", "optimizer", "label_smoothing", "schedule", "warmup_epochs",
                     "patience", "monitor", "augment", "ema", "precision", "device", "seed", "system_metrics")
@@ -240,21 +191,21 @@ class PruneConfig:
                                      "before and after)")
     timing_threads: int = opt(1, "torch threads of the img/s measurement (0 = torch's default, all cores); 1 "
                                  "because on a busy machine more threads than free cores run many times slower")
-    batch_size: int = _as_in_train("batch_size")
-    lr: float = _as_in_train("lr", 0.01)
-    weight_decay: float = _as_in_train("weight_decay")
-    optimizer: str = _as_in_train("optimizer")
-    label_smoothing: float = _as_in_train("label_smoothing")
-    schedule: str = _as_in_train("schedule")
-    warmup_epochs: float = _as_in_train("warmup_epochs")
-    patience: int = _as_in_train("patience")
-    monitor: str = _as_in_train("monitor")
-    augment: str = _as_in_train("augment")
-    ema: float = _as_in_train("ema")
-    precision: str = _as_in_train("precision")
-    device: str = _as_in_train("device")
-    seed: int = _as_in_train("seed")
-    system_metrics: bool = _as_in_train("system_metrics")
+    batch_size: int = same_as(TrainConfig, "batch_size")
+    lr: float = same_as(TrainConfig, "lr", 0.01)
+    weight_decay: float = same_as(TrainConfig, "weight_decay")
+    optimizer: str = same_as(TrainConfig, "optimizer")
+    label_smoothing: float = same_as(TrainConfig, "label_smoothing")
+    schedule: str = same_as(TrainConfig, "schedule")
+    warmup_epochs: float = same_as(TrainConfig, "warmup_epochs")
+    patience: int = same_as(TrainConfig, "patience")
+    monitor: str = same_as(TrainConfig, "monitor")
+    augment: str = same_as(TrainConfig, "augment")
+    ema: float = same_as(TrainConfig, "ema")
+    precision: str = same_as(TrainConfig, "precision")
+    device: str = same_as(TrainConfig, "device")
+    seed: int = same_as(TrainConfig, "seed")
+    system_metrics: bool = same_as(TrainConfig, "system_metrics")
     register_as: str = opt("", "registered model name: register the pruned model with its test metrics (alias "
                                "`champion` moves on better test macro-F1); empty = do not register")
 
@@ -311,168 +262,3 @@ class EvaluateConfig:
         _pixel_limit(self.max_image_pixels)
         if self.batch_size < 1:
             raise PipelineError(f"batch_size={self.batch_size} must be an integer >= 1")
-
-
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
-STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """An Optuna study over finetune's lr, batch size, weight decay and frozen depth."""
-
-    data: str = opt("", "prepare_data run id or dataset artifact URI (every trial trains on it)")
-    pretrained: str = opt("", "run id, runs:/ or models:/ URI of the model every trial starts from")
-    arch: str = opt("auto", "auto = as pretrained; naming one checks that pretrained is that arch")
-    study_name: str = opt("finetune", "Optuna study name (letters, digits, _ . -); also names its parent MLflow run")
-    storage: str = opt(
-        "sqlite:///optuna.db",
-        "Optuna storage URL (sqlite:///..., postgresql://...) or a journal file: PATH.log or journal:PATH",
-    )
-    n_trials: int = opt(20, "target: finished (complete + pruned) trials in the study, over all workers and reruns")
-    timeout: float = opt(0.0, "seconds after which this worker starts no new trial (0 = no limit)")
-    sampler: str = opt("tpe", "tpe | random")
-    pruner: str = opt("median", "median | hyperband | none")
-    startup_trials: int = opt(
-        5, "trials drawn at random (tpe) and never pruned (median) before the study learns from them"
-    )
-    metric: str = opt(
-        "val_f1_macro",
-        "objective, the best epoch's value: val_f1_macro | val_accuracy (maximized) | val_loss (minimized)",
-    )
-    epochs: int = opt(5, "training epochs per trial (also the pruner's step count)")
-    seed: int = opt(
-        0, "training seed of every trial; trial k's hyperparameters are drawn with a seed made of (seed, k)"
-    )
-    lr_min: float = opt(1e-4, "smallest learning rate tried (log-uniform)")
-    lr_max: float = opt(0.1, "largest learning rate tried")
-    batch_sizes: str = opt("32,64,128", "comma-separated batch sizes to choose from")
-    wd_min: float = opt(1e-6, "smallest weight decay tried (log-uniform, > 0)")
-    wd_max: float = opt(1e-2, "largest weight decay tried")
-    frozen_min: int = opt(0, "fewest frozen stages tried (0 = train everything)")
-    frozen_max: int = opt(NUM_STAGES, f"most frozen stages tried ({NUM_STAGES} = head only)")
-    augment: str = opt(
-        "basic", "none | basic (random crop, padding 1/8 of the side, + flip) | strong (+ rotation and scale)"
-    )
-    precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:K (the K-th visible GPU)")
-    register_as: str = opt(
-        "", "registered model name for the best trial's model (alias `champion`); empty = do not register"
-    )
-    system_metrics: bool = opt(
-        True, "every trial run logs CPU/memory (and GPU with pynvml) as system/* metrics; false = off"
-    )
-    heartbeat: int = opt(
-        60,
-        "seconds between a worker's heartbeats on database storages; a trial silent for 3x as long (its worker died) "
-        "is marked FAIL and retried from its last checkpoint",
-    )
-
-    def __post_init__(self) -> None:
-        if not self.data:
-            raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
-        if not self.pretrained:
-            raise PipelineError("pretrained is empty; pass a pretrain run id, or a runs:/ or models:/ URI")
-        if self.arch != "auto":
-            _choice("arch", self.arch, ARCHS)
-        if not STUDY_NAME.match(self.study_name):
-            raise PipelineError(
-                f"study_name={self.study_name!r} is not usable; use up to 100 letters, digits, '_', '.' or '-', e.g. "
-                "cifar-finetune"
-            )
-        if not self.storage.strip():
-            raise PipelineError(
-                "storage is empty; use e.g. sqlite:///optuna.db or a journal file such as optuna-journal.log"
-            )
-        if not isinstance(self.n_trials, int) or self.n_trials < 1:
-            raise PipelineError(
-                f"n_trials={self.n_trials} must be an integer >= 1 (the study's total of finished trials)"
-            )
-        _non_negative("timeout", self.timeout)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("pruner", self.pruner, PRUNERS)
-        if self.startup_trials < 0:
-            raise PipelineError(f"startup_trials={self.startup_trials} must be >= 0")
-        _choice("metric", self.metric, MONITORS)
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise PipelineError(f"epochs={self.epochs} must be an integer >= 1")
-        for lo, hi, what in ((self.lr_min, self.lr_max, "lr"), (self.wd_min, self.wd_max, "wd")):
-            _positive(f"{what}_min", lo)
-            _positive(f"{what}_max", hi)
-            if lo > hi:
-                raise PipelineError(f"{what}_min={lo} is above {what}_max={hi}; swap them")
-        self.batch_size_choices  # validates
-        if not 0 <= self.frozen_min <= self.frozen_max <= NUM_STAGES:
-            raise PipelineError(
-                f"frozen_min={self.frozen_min}, frozen_max={self.frozen_max}: need 0 <= frozen_min <= frozen_max <= "
-                f"{NUM_STAGES}"
-            )
-        _choice("augment", self.augment, AUGMENTS)
-        _choice("precision", self.precision, PRECISIONS)
-        _device("device", self.device)
-        _plain_name("register_as", self.register_as)
-        if not isinstance(self.heartbeat, int) or self.heartbeat < 1:
-            raise PipelineError(f"heartbeat={self.heartbeat} must be a whole number of seconds >= 1")
-
-    @property
-    def batch_size_choices(self) -> list[int]:
-        try:
-            sizes = [int(s) for s in self.batch_sizes.split(",") if s.strip()]
-        except ValueError:
-            sizes = []
-        if not sizes or min(sizes) < 1:
-            raise PipelineError(
-                f"batch_sizes={self.batch_sizes!r} must be a comma-separated list of positive integers, e.g. 32,64,128"
-            )
-        return sorted(set(sizes))
-
-    @property
-    def direction(self) -> str:
-        return "minimize" if self.metric == "val_loss" else "maximize"
-
-    def to_params(self) -> dict:
-        return asdict(self)
-
-
-TABLE_SUFFIXES = (".csv", ".md")
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """Which runs `compare` puts in its table, the sort order, and the files it writes."""
-
-    experiment: str = opt(
-        "",
-        "experiment name (or id) whose FINISHED runs to compare; default (no selection at all): the current experiment",
-    )
-    parent: str = opt("", "run id of a tune study's or main's parent run: compare its FINISHED descendants")
-    runs: str = opt("", "run ids (training or evaluate runs) separated by spaces or commas, as RUN_ID arguments are")
-    sort: str = opt(
-        "", "metric to sort by, best first (lowest first for a *loss*); empty = test_f1_macro, else best_val_f1_macro"
-    )
-    output: str = opt("", "also write the table to FILE.csv (full precision) or FILE.md (Markdown)")
-    plot: str = opt("", "write FILE.png: per-class F1 across runs, and frozen_layers vs macro F1")
-
-    def __post_init__(self) -> None:
-        given = [
-            name
-            for name, value in (("experiment", self.experiment), ("parent", self.parent), ("run ids", self.run_ids))
-            if value
-        ]
-        if len(given) > 1:
-            raise PipelineError(
-                f"{' and '.join(given)} were both given; select runs with one of experiment, parent or run ids"
-            )
-        if self.output and not self.output.lower().endswith(TABLE_SUFFIXES):
-            raise PipelineError(f"output {self.output!r} has an unknown format; name a .csv or .md file, e.g. runs.csv")
-        if self.plot and not self.plot.lower().endswith(".png"):
-            raise PipelineError(f"plot {self.plot!r} is not a .png file name; use e.g. compare.png")
-        for path in (self.output, self.plot):
-            folder = os.path.dirname(path) or "."
-            if path and not os.path.isdir(folder):
-                raise PipelineError(f"folder {folder!r} for {path!r} does not exist; create it or write elsewhere")
-
-    @property
-    def run_ids(self) -> list[str]:
-        return list(dict.fromkeys(r for r in re.split(r"[\s,]+", self.runs) if r))

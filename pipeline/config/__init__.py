@@ -1,0 +1,41 @@
+"""One frozen dataclass per step, validated on construction with messages that say the fix.
+
+Validation happens here, before any expensive work (decoding images, opening a study). The
+configs generate the steps' command lines (steps/_cli.config_options): each option's help and
+default are written once, on its field.
+
+    base      allowed values, the `opt`/`same_as` field helpers, the checks
+    steps     PrepareConfig, TrainConfig (pretrain, finetune), PruneConfig, EvaluateConfig
+    tune      TuneConfig
+    compare   CompareConfig
+"""
+
+from pipeline.config.base import (
+    ARCHS,
+    AUGMENTS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEVICES,
+    EVAL_BATCH,
+    IMPORTANCES,
+    MAX_IMAGE_PIXELS_HELP,
+    MONITORS,
+    NUM_STAGES,
+    ON_BAD_IMAGE,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    SPLITS,
+    WEIGHTS,
+    opt,
+    same_as,
+)
+from pipeline.config.compare import TABLE_SUFFIXES, CompareConfig
+from pipeline.config.steps import RECOVERY_OPTIONS, EvaluateConfig, PrepareConfig, PruneConfig, TrainConfig
+from pipeline.config.tune import PRUNERS, SAMPLERS, STUDY_NAME, TuneConfig
+
+__all__ = [
+    "ARCHS", "AUGMENTS", "DEFAULT_MAX_IMAGE_PIXELS", "DEVICES", "EVAL_BATCH", "IMPORTANCES", "MAX_IMAGE_PIXELS_HELP",
+    "MONITORS", "NUM_STAGES", "ON_BAD_IMAGE", "OPTIMIZERS", "PRECISIONS", "PRUNERS", "RECOVERY_OPTIONS", "SAMPLERS",
+    "SCHEDULES", "SPLITS", "STUDY_NAME", "TABLE_SUFFIXES", "WEIGHTS", "CompareConfig", "EvaluateConfig",
+    "PrepareConfig", "PruneConfig", "TrainConfig", "TuneConfig", "opt", "same_as",
+]
