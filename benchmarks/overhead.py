@@ -65,11 +65,11 @@ class Probe:
 @contextlib.contextmanager
 def probed_run_train(probe: Probe):
     """Time what run_train adds around training, by wrapping (not changing) fit() and save_atomic."""
+    import pipeline.checkpoint as checkpoint
     import pipeline.run_checkpoints as run_checkpoints
     import pipeline.runners as runners
-    import pipeline.train as train
 
-    real_fit, real_save = runners.fit, train.save_atomic
+    real_fit, real_save = runners.fit, checkpoint.save_atomic
     real_upload = run_checkpoints.log_checkpoint
     sig = inspect.signature(real_fit)
 
@@ -99,12 +99,12 @@ def probed_run_train(probe: Probe):
         probe.fit_s += time.perf_counter() - t
         return result
 
-    runners.fit, train.save_atomic = timed_fit, timed_save
+    runners.fit, checkpoint.save_atomic = timed_fit, timed_save
     run_checkpoints.log_checkpoint = timed_upload
     try:
         yield probe
     finally:
-        runners.fit, train.save_atomic = real_fit, real_save
+        runners.fit, checkpoint.save_atomic = real_fit, real_save
         run_checkpoints.log_checkpoint = real_upload
 
 

@@ -19,9 +19,10 @@ import mlflow
 
 from pipeline import tracking
 from pipeline.config import ARCHS, NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig, opt, same_as
+from pipeline.evaluation_run import run_evaluate
 from pipeline.references import run_name_of
 from pipeline.registry import register_evaluated
-from pipeline.runners import run_evaluate, run_prepare, run_train
+from pipeline.runners import run_prepare, run_train
 from pipeline.stats import with_interval
 
 TAG_CACHE_KEY = "pipeline.cache_key"

@@ -17,17 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from pipeline import tracking
-from pipeline.config import NUM_STAGES, CompareConfig
+from pipeline.compare_plot import plot_comparison
+from pipeline.config import CompareConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluation_logging import load_class_keys
 from pipeline.keys import HASH_CHARS
-from pipeline.plots import pyplot
 from pipeline.predictions import PREDICTIONS_PATH, TAG_DIGEST, read_predictions, scored_images
 from pipeline.references import get_run
 from pipeline.stats import ScoredImages, significance_columns
@@ -49,7 +48,6 @@ HASHED_KEY = re.compile(rf"-[0-9a-f]{{{HASH_CHARS}}}$")  # pipeline.keys' form f
 # apart first; only those of summary metrics are shown, next to their metric.
 INTERVAL = re.compile(r"^(.+)_ci_(low|high)$")
 SIGNIFICANCE = ("p_mcnemar", "p_f1_macro", "vs_best")
-MAX_PLOTTED_RUNS = 10  # bars per class beyond this are unreadable
 
 
 # --- which runs ---------------------------------------------------------------------------
@@ -281,78 +279,6 @@ def _per_class_f1(table: pd.DataFrame) -> tuple[str, list[str], list[str]]:
     return split, columns, [c[len(f"{split}_f1_") :] for c in columns]
 
 
-def _label(row, with_evaluation: bool) -> str:
-    name = f"{row['run_name'] or 'run'} [{row['run_id'][:8]}]"
-    return name + (f" eval {row['evaluate_run_id'][:8]}" if with_evaluation else "")
-
-
-def _interval_bars(axes, rows: pd.DataFrame, column: str, x: pd.Series, y: pd.Series) -> None:
-    """Error bars from `<column>_ci_low/_ci_high` (95% bootstrap intervals) where rows have them."""
-    low, high = f"{column}_ci_low", f"{column}_ci_high"
-    if low not in rows or high not in rows:
-        return
-    has = rows[low].notna() & rows[high].notna()
-    if has.any():
-        below, above = (y - rows[low].astype(float))[has], (rows[high].astype(float) - y)[has]
-        axes.errorbar(x[has], y[has], yerr=[below.clip(lower=0), above.clip(lower=0)], fmt="none",
-                      ecolor="gray", capsize=3, linewidth=1)
-
-
-def plot_comparison(table: pd.DataFrame, path: str) -> None:
-    """Two panels: per-class F1 as grouped bars (the first MAX_PLOTTED_RUNS rows), and
-    frozen_layers against macro F1 (test where evaluated, with its 95% interval as an error bar,
-    else best validation)."""
-    plt = pyplot()
-    split, columns, classes = _per_class_f1(table)
-    fig, (bars, scatter) = plt.subplots(
-        1, 2, figsize=(max(10.0, 4 + 0.6 * len(classes)), 4.8), gridspec_kw={"width_ratios": [2, 1]}
-    )
-    rows = table[table[columns].notna().any(axis=1)] if columns else table.iloc[:0]
-    if rows.empty:
-        bars.axis("off")
-        bars.text(0.5, 0.5, "no per-class F1: none of these models has an evaluate run", ha="center", va="center")
-    else:
-        shown = rows.head(MAX_PLOTTED_RUNS)
-        x = np.arange(len(classes))
-        width = 0.8 / len(shown)
-        twice = shown.run_id.duplicated(keep=False)  # a model evaluated twice: tell its rows apart
-        for k, (i, row) in enumerate(shown.iterrows()):
-            f1 = row[columns].astype(float).fillna(0).to_numpy()
-            bars.bar(x + (k - (len(shown) - 1) / 2) * width, f1, width, label=_label(row, twice[i]))
-        bars.set_xticks(
-            x, classes, rotation=45 if len(classes) > 10 else 0, ha="right" if len(classes) > 10 else "center"
-        )
-        more = f" (first {len(shown)} of {len(rows)})" if len(rows) > len(shown) else ""
-        bars.set(ylabel="F1", ylim=(0, 1.05), title=f"per-class {split} F1{more}")
-        bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-    frozen = pd.to_numeric(table["frozen_layers"], errors="coerce")
-    for column, marker, name in (
-        ("test_f1_macro", "o", "test F1 (macro)"),
-        ("best_val_f1_macro", "x", "best val F1 (macro), not evaluated"),
-    ):
-        if column not in table:
-            continue
-        y = table[column].astype(float)
-        if column != "test_f1_macro" and "test_f1_macro" in table:
-            y = y.where(table["test_f1_macro"].isna())  # evaluated rows are plotted with their test F1
-        keep = frozen.notna() & y.notna()
-        if keep.any():
-            scatter.scatter(frozen[keep], y[keep], marker=marker, label=name)
-            _interval_bars(scatter, table[keep], column, frozen[keep], y[keep])
-    scatter.set(
-        xlabel="frozen_layers (stages frozen)",
-        ylabel="macro F1",
-        title="frozen layers vs F1",
-        xlim=(-0.5, NUM_STAGES + 0.5),
-    )
-    scatter.set_xticks(range(6))
-    if scatter.get_legend_handles_labels()[0]:
-        scatter.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")  # the legend sits below the bars
-    plt.close(fig)
-
-
 # --- paired significance -------------------------------------------------------------------
 
 def load_scored_images(run_id: str, split: str) -> ScoredImages | None:
@@ -397,5 +323,5 @@ def compare(cfg: CompareConfig) -> tuple[pd.DataFrame, str | None]:
     if cfg.output:
         write_table(table, cfg.output)
     if cfg.plot:
-        plot_comparison(table, cfg.plot)
+        plot_comparison(table, cfg.plot, _per_class_f1(table))
     return table, metric

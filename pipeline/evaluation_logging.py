@@ -1,4 +1,5 @@
-"""An evaluation report (pipeline.evaluation) logged to the active MLflow run: metrics, tables and plots."""
+"""An evaluation report (pipeline.evaluation) logged to the active MLflow run: metrics, tables and plots;
+and the temperature calibration a training run fits on its validation split."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import io
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.exceptions import MlflowException
 
-from pipeline.calibration import expected_calibration_error, reliability_figure
+from pipeline.calibration import (
+    calibrated_probabilities,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_figure,
+)
+from pipeline.device import predict_logits
 from pipeline.evaluation import MAX_PER_CLASS_METRICS, metric_keys
 from pipeline.plots import misclassified_grid, plot_confusion, precision_recall_figure
 from pipeline.predictions import PREDICTIONS_PATH, TAG_DIGEST, array_digest, predictions_table
@@ -97,3 +105,22 @@ def log_trust(report, class_names: list[str], split: str, digest: str, image_nam
     mlflow.log_figure(fig, f"evaluation/{split}_reliability.png")
     plt.close(fig)
     return metrics
+
+
+def log_val_calibration(net, val, class_names: list[str], digest: str, calibrate: bool) -> float | None:
+    """Fit the model's temperature on the validation split (fp32 logits in eval mode; one scalar, so
+    the argmax and accuracy stay) unless `calibrate` is false; log `val_ece_uncalibrated`, `val_ece`
+    and `temperature`, and the val predictions (calibrated) that tune's summary compares.
+    Returns the temperature, or None when not calibrating."""
+    if len(val) < 2:
+        return None  # nothing to fit on, and nothing worth a predictions table
+    logits = predict_logits(net, torch.from_numpy(val.images).to(next(net.parameters()).device), None)
+    logits = logits.cpu().double().numpy()
+    temperature = fit_temperature(logits, val.labels) if calibrate else None
+    plain = calibrated_probabilities(logits, 1.0)
+    probs = calibrated_probabilities(logits, temperature or 1.0)
+    metrics = {"val_ece_uncalibrated": expected_calibration_error(plain, val.labels),
+               "val_ece": expected_calibration_error(probs, val.labels)}
+    log_metrics({**metrics, **({"temperature": temperature} if temperature else {})})
+    log_predictions(val.labels, probs, class_names, "val", digest)
+    return temperature

@@ -1,7 +1,8 @@
 """The step runners: each step as one tracked MLflow run, config in, artifacts and metrics out, run id returned.
 
-run_prepare, run_train (pretrain and finetune) and run_evaluate. The steps/ commands call them;
-pipeline.chain (main) calls them nested under one parent run, pipeline.tuning calls run_train per trial.
+run_prepare and run_train (pretrain and finetune); evaluate's is pipeline.evaluation_run, prune's
+pipeline.pruning_run. The steps/ commands call them; pipeline.chain (main) calls them nested under one
+parent run, pipeline.tuning calls run_train per trial.
 """
 
 from __future__ import annotations
@@ -15,20 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlflow
-import numpy as np
 import torch
 
 from pipeline import distributed, preflight, registry, tracking
-from pipeline.calibration import calibrated_probabilities, expected_calibration_error, fit_temperature, temperature_of
-from pipeline.config import NUM_STAGES, EvaluateConfig, PrepareConfig, TrainConfig
+from pipeline.calibration import temperature_of
+from pipeline.config import NUM_STAGES, PrepareConfig, TrainConfig
 from pipeline.data.imageset import DatasetSplits
 from pipeline.data.prepare import prepare_dataset
-from pipeline.data.sources import choose_split, decode_tree, scan_image_tree
 from pipeline.data.store import save_dataset
-from pipeline.device import predict_logits, resolve_device
+from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import score_net
-from pipeline.evaluation_logging import log_evaluation, log_predictions
+from pipeline.evaluation_logging import log_val_calibration
 from pipeline.models import (
     PRUNED_LAYERS,
     ImageClassifier,
@@ -40,7 +39,7 @@ from pipeline.models import (
     replace_head,
 )
 from pipeline.precision import resolve_cpu_amp_dtype
-from pipeline.references import load_dataset_ref, load_model_ref, run_name_of
+from pipeline.references import load_dataset_ref, load_model_ref
 from pipeline.run_checkpoints import (
     CHECKPOINT_UPLOAD_S,
     LAST_CHECKPOINT,
@@ -48,7 +47,6 @@ from pipeline.run_checkpoints import (
     delete_checkpoints,
     load_resume_point,
 )
-from pipeline.stats import with_interval
 from pipeline.train import FitResult, fit, seed_everything
 
 MAX_LISTED_SKIPS = 100
@@ -308,7 +306,8 @@ def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, r
     mlflow.set_tag(TAG_STOPPED_EARLY, str(result.stopped_early).lower())
     meta = {"arch": cfg.arch, "num_classes": ds.num_classes, "class_names": ds.class_names,
             "image_size": ds.image_size, "dropout": cfg.dropout,
-            "temperature": calibrate_on_val(inputs),  # null: calibrate=false, plain softmax
+            "temperature": log_val_calibration(net, ds.splits["val"], ds.class_names, inputs.manifest["digest"],
+                                                cfg.calibrate),  # null: calibrate=false, plain softmax
             PRUNED_LAYERS: pruned_layers(net, cfg.arch, ds.num_classes) if inputs.pruned else {}}
     sample = ds.splits["val"].images[:2]
     tracking.log_model(ImageClassifier(net, ds.class_names, ds.image_size), meta, sample, input_example)
@@ -324,93 +323,7 @@ def log_training_outputs(inputs: TrainingInputs, step: str, result: FitResult, r
         registry.register_trained_run(run_id, cfg.register_as, report, test.images, ds.class_names)
 
 
-def calibrate_on_val(inputs: TrainingInputs) -> float | None:
-    """Fit the model's temperature on the validation split (fp32 logits in eval mode; one scalar, so
-    the argmax and accuracy stay) unless cfg.calibrate is false; log `val_ece_uncalibrated`,
-    `val_ece` and `temperature`, and the val predictions (calibrated) that tune's summary compares.
-    Returns the temperature, or None when not calibrating."""
-    val, class_names = inputs.ds.splits["val"], inputs.ds.class_names
-    if len(val) < 2:
-        return None  # nothing to fit on, and nothing worth a predictions table
-    net = inputs.net
-    logits = predict_logits(net, torch.from_numpy(val.images).to(next(net.parameters()).device), None)
-    logits = logits.cpu().double().numpy()
-    temperature = fit_temperature(logits, val.labels) if inputs.cfg.calibrate else None
-    plain = calibrated_probabilities(logits, 1.0)
-    probs = calibrated_probabilities(logits, temperature or 1.0)
-    metrics = {"val_ece_uncalibrated": expected_calibration_error(plain, val.labels),
-               "val_ece": expected_calibration_error(probs, val.labels)}
-    tracking.log_metrics({**metrics, **({"temperature": temperature} if temperature else {})})
-    log_predictions(val.labels, probs, class_names, "val", inputs.manifest["digest"])
-    return temperature
-
-
 @contextlib.contextmanager
 def _no_run(*args, **kwargs):
     """step_run's stand-in on ranks other than 0: no MLflow run."""
     yield None
-
-
-def _evaluation_images(cfg: EvaluateConfig, meta: dict):
-    """(images, labels, data_uri, manifest or None, skipped files) from a dataset reference or an image
-    folder/archive. Class names and splits are checked before any image is decoded."""
-    is_user_images = os.path.exists(cfg.data) and not os.path.isfile(os.path.join(cfg.data, "manifest.json"))
-    if is_user_images:
-        return _user_images(cfg, meta)
-    ds, manifest, uri = load_dataset_ref(cfg.data, (cfg.split,))
-    if ds.class_names != meta["class_names"]:
-        raise PipelineError(
-            f"dataset classes ({', '.join(ds.class_names)}) differ from the model's "
-            f"({', '.join(meta['class_names'])}); evaluate on data with the model's classes"
-        )
-    s = ds.splits[cfg.split]
-    return s.images, s.labels, uri, manifest, []
-
-
-def _user_images(cfg: EvaluateConfig, meta: dict):
-    """An image folder/archive in any accepted layout: the split named `split` when the tree has it,
-    else its only split (a plain `<class>/<img>` folder, or `test/<class>/<img>` alone)."""
-    tree = scan_image_tree(cfg.data)
-    unknown = [c for c in tree.class_names if c not in meta["class_names"]]
-    if unknown:
-        raise PipelineError(
-            f"{cfg.data!r} has class folders the model does not know: {', '.join(unknown)}; "
-            f"the model's classes are {', '.join(meta['class_names'])}"
-        )
-    split = choose_split(tree, cfg.split)
-    src = decode_tree(tree, meta["image_size"], cfg.on_bad_image, cfg.max_image_pixels, splits=(split,))
-    images = src.splits[split]
-    remap = np.array([meta["class_names"].index(c) for c in src.class_names], np.int64)
-    return images.images, remap[images.labels], os.path.abspath(cfg.data), None, src.skipped_files
-
-
-def run_evaluate(cfg: EvaluateConfig, nested: bool = False, tags: dict | None = None) -> str:
-    """evaluate: score a model on a split (or the user's images); log metrics, tables and plots."""
-    device = resolve_device(cfg.device)
-    with tracking.step_run("evaluate", f"evaluate {cfg.split}", tags, nested) as run:
-        tracking.log_params(dataclasses.asdict(cfg))
-        state, meta = load_model_ref(cfg.model)
-        images, labels, data_uri, manifest, skipped = _evaluation_images(cfg, meta)
-        mlflow.set_tags({"pipeline.upstream.model": meta["model_uri"],
-                         "pipeline.upstream.model_run": meta["source_run_id"], "pipeline.upstream.data": data_uri})
-        model_name = run_name_of(meta["source_run_id"])
-        if model_name:  # "evaluate test: finetune resnet18 frozen=3 lr=0.01" scans better in the runs table
-            mlflow.set_tag("mlflow.runName", f"evaluate {cfg.split}: {model_name}")
-        if manifest is not None:
-            tracking.log_dataset_input(manifest, data_uri, context="evaluation")
-        report = score_net(build_logged_net(meta, state), images, labels, meta["class_names"], cfg.split, device,
-                           cfg.precision, cfg.tta, cfg.batch_size, temperature_of(meta))  # as served
-        intervals = log_evaluation(report, meta["class_names"], cfg.split, images,
-                                   digest=manifest["digest"] if manifest else "")
-        m = {**report.metrics, **intervals}
-        if manifest is None:  # the user's images: say what was left out, as prepare_data does
-            tracking.log_metrics({"skipped_files": len(skipped)})
-            if skipped:
-                mlflow.log_text("\n".join(skipped) + "\n", "evaluation/skipped_files.txt")
-                print(f"evaluate: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
-        tracking.set_note(f"Scored `{meta['model_uri']}` on the {cfg.split} split of `{data_uri}` ({len(labels)} images"
-                          + (f"; {len(skipped)} unreadable files skipped" if skipped else "") + "): "
-                          f"accuracy {with_interval(m, f'{cfg.split}_accuracy')}, "
-                          f"macro-F1 {with_interval(m, f'{cfg.split}_f1_macro')}. "
-                          "Plots and tables under `evaluation/`.")
-        return run.info.run_id

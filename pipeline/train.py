@@ -8,7 +8,6 @@ importing either.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -22,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline.checkpoint import checkpoint_state, restore_state, save_atomic
+from pipeline.checkpoint import CheckpointSchedule, restore_state
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import iter_train_batches
@@ -42,6 +41,7 @@ from pipeline.ema import WeightEMA
 from pipeline.errors import PipelineError
 from pipeline.metrics import summary_metrics
 from pipeline.models import set_train_mode
+from pipeline.optim import create_ema, create_optimizer, create_scheduler
 
 VAL_KEYS = ("val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro")
 CUDA_FINITE_CHECK_EVERY = 20  # steps; each check is a host sync on GPUs (free on CPU)
@@ -173,39 +173,6 @@ def run_epochs(setup: Setup, state: LoopState, num_classes: int, on_epoch: Epoch
     return False
 
 
-class CheckpointSchedule:
-    """Writes the resumable checkpoint by time: a full one (model, momentum, EMA and best weights,
-    about 4x the model, fsynced) after every epoch is a large share of a seconds-long GPU epoch.
-
-    Between writes the last finished epoch's state is kept as an in-memory copy on the device (a
-    device-to-device copy), which write_pending() puts on disk when training is interrupted.
-    """
-
-    def __init__(self, path: str | None, every_s: float, clock: Callable[[], float] = time.monotonic):
-        self.path, self.every_s, self.clock = path, every_s, clock
-        self.last_write = clock()
-        self.pending: dict | None = None
-
-    def after_epoch(self, state: LoopState, final: bool) -> None:
-        if not self.path:
-            return
-        if final or self.every_s <= 0 or self.clock() - self.last_write >= self.every_s:
-            self.pending = None
-            self._write(checkpoint_state(state))
-        else:  # the live tensors change in the next step: keep a copy of this epoch's
-            self.pending = copy.deepcopy(checkpoint_state(state))
-
-    def write_pending(self) -> None:
-        """Put the last finished epoch's state on disk, if it is not there yet."""
-        if self.path and self.pending is not None:
-            self._write(self.pending)
-            self.pending = None
-
-    def _write(self, ckpt: dict) -> None:
-        save_atomic(ckpt, self.path)
-        self.last_write = self.clock()
-
-
 def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, world: World) -> tuple[Setup, LoopState]:
     """Move the net and the data to the device; build the optimizer, schedule, EMA, DDP wrapper and
     generators. Refuses (on every rank alike) data that cannot be trained or validated on."""
@@ -224,44 +191,14 @@ def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, wor
             f"the training split has {len(train)} image(s); training on {world.size} process(es) "
             f"needs at least {world.size}"
         ))
-    optimizer = _make_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
-    scheduler = _make_scheduler(optimizer, cfg, steps_per_epoch)
-    ema = _make_ema(net, cfg.ema)
+    optimizer = create_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
+    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
+    ema = create_ema(net, cfg.ema)
     model = _wrap_for_steps(net, device, world, cfg.compile)
     tensors = [torch.from_numpy(a).to(device) for a in (train.images, train.labels, val.images, val.labels)]
     setup = Setup(cfg, world, device, resolve_amp_dtype(cfg.precision, device), *tensors, model,
                   steps_per_epoch, epoch_images, torch.Generator(), torch.Generator(device=device), drop_last)
     return setup, LoopState(net, optimizer, scheduler, ema)
-
-
-def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
-    """Per-step schedulers (cosine, onecycle); plateau steps per epoch on the monitored metric."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "cosine":
-        warm = int(cfg.warmup_epochs * steps_per_epoch)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
-    if cfg.schedule == "plateau":
-        mode = "min" if cfg.monitor == "val_loss" else "max"
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=0.2, patience=2)
-    return None
-
-
-def _make_ema(net: nn.Module, decay: float) -> WeightEMA | None:
-    return WeightEMA(net, decay) if decay > 0 else None
 
 
 def _wrap_for_steps(net: nn.Module, device: torch.device, world: World, compile: bool) -> nn.Module:

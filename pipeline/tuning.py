@@ -1,16 +1,15 @@
 """tune: an Optuna study over finetune's hyperparameters, every trial a nested MLflow run.
 
-This module runs a worker: sampler, pruner, search space, the objective, and how many trials are
-left. Where the study is stored is study_storage's business; its MLflow side (the parent run all
-workers share, trial runs, summary, registration) is study_tracking's. That link is written here
+This module runs a worker: the search space, the objective, and the loop that starts trials. How the
+study searches (sampler, pruner, checks on a continued study) is study_setup's business, how many
+trials are left trial_accounting's, where the study is stored study_storage's; its MLflow side (the
+parent run all workers share, trial runs, summary, registration) is study_tracking's. That link is written here
 rather than taken from optuna-integration's MLflowCallback, so that a trial's run *is* the
 finetune run with its model, pruning ends it visibly, and parallel workers and reruns share one
 parent run.
 
-n_trials is the study's target, not a per-worker count: a worker starts no trial once the study
-holds n_trials finished (COMPLETE or PRUNED) trials, counting those other workers are running,
-so a rerun of a finished study adds nothing, a larger n_trials continues it, and N workers on
-one storage split the work between them.
+n_trials is the study's target: a rerun of a finished study adds nothing, a larger n_trials
+continues it, and N workers on one storage split the work between them.
 """
 
 from __future__ import annotations
@@ -19,24 +18,22 @@ import datetime
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlflow
-import numpy as np
 import optuna
 import torch
-from optuna.samplers import BaseSampler
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.device import resolve_device
-from pipeline.errors import PipelineError
 from pipeline.references import dataset_uri, model_uri, reusing_loads
-from pipeline.run_checkpoints import delete_checkpoints, has_checkpoint
+from pipeline.run_checkpoints import delete_checkpoints
 from pipeline.runners import TrialHooks, run_train
-from pipeline.study_storage import GRACE_BEATS, has_heartbeats, open_storage, storage_identity
+from pipeline.study_setup import open_study
+from pipeline.study_storage import GRACE_BEATS, has_heartbeats
+from pipeline.study_summary import format_params, is_registrar, log_summary, register_best
 from pipeline.study_tracking import (
     ATTR_RUN_ID,
     ATTR_WORKER,
@@ -45,131 +42,26 @@ from pipeline.study_tracking import (
     TAG_TRIAL,
     TAG_WORKER,
     find_or_create_parent,
-    format_params,
-    is_registrar,
     log_study_dataset,
     log_study_params,
-    log_summary,
     mark_trial_run,
-    on_stale_trial,
     parent_run,
-    register_best,
     worker_id,
 )
 from pipeline.train import NonFiniteLossError
+from pipeline.trial_accounting import (
+    ATTR_SURPLUS,
+    StopAtTarget,
+    SurplusTrial,
+    checkpoint_of_retried,
+    refuse_surplus,
+    trial_counts,
+    trials_to_start,
+)
 
 # A failing trial is the study's business, not the worker's: diverged training, or a batch size
 # that does not fit in GPU memory. Anything else (a bad data reference...) stops the worker.
 TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError)
-ATTR_SURPLUS = "surplus"
-
-
-# --- sampler, pruner, study ---------------------------------------------------------------
-
-def trial_seed(seed: int, number: int) -> int:
-    """A sampler seed for trial `number`, independent of which worker runs it."""
-    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
-
-
-class TrialSeededSampler(BaseSampler):
-    """Runs a fresh inner sampler seeded with (seed, trial number) for every trial.
-
-    Parallel workers given the same seed would otherwise draw the same hyperparameters; seeding
-    per trial keeps them apart while a single worker stays reproducible.
-    """
-
-    def __init__(self, make: Callable[[int], BaseSampler], seed: int):
-        self._make, self._seed = make, seed
-        self._inner = make(seed)
-
-    def before_trial(self, study, trial) -> None:
-        self._inner = self._make(trial_seed(self._seed, trial.number))
-        self._inner.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study, trial):
-        return self._inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self._inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self._inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self._inner.reseed_rng()
-
-
-def create_sampler(cfg: TuneConfig) -> BaseSampler:
-    if cfg.sampler == "random":
-        return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), cfg.seed)
-    startup = cfg.startup_trials
-    # constant_liar: a running trial counts as a bad result, so parallel workers spread out.
-    return TrialSeededSampler(
-        lambda s: optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True, seed=s), cfg.seed
-    )
-
-
-def create_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
-    if cfg.pruner == "median":
-        # Prune a trial whose epoch-k value is worse than the median of earlier trials at epoch k.
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=0)
-    if cfg.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.epochs, reduction_factor=3)
-    return optuna.pruners.NopPruner()
-
-
-def open_study(cfg: TuneConfig) -> optuna.Study:
-    """Create the study, or load it (a rerun, another worker) after checking it optimizes cfg.metric."""
-    storage = open_storage(cfg.storage, cfg.heartbeat, on_stale_trial)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=cfg.study_name,
-        direction=cfg.direction,
-        sampler=create_sampler(cfg),
-        pruner=create_pruner(cfg),
-        load_if_exists=True,
-    )
-    metric = study.user_attrs.get("metric")
-    if metric is None:
-        study.set_user_attr("metric", cfg.metric)
-    elif metric != cfg.metric:
-        raise PipelineError(
-            f"study {cfg.study_name!r} in {storage_identity(cfg.storage)} optimizes {metric}, not metric={cfg.metric}; "
-            f"pass metric={metric} to continue it, or pick a new study_name"
-        )
-    _check_batch_sizes(study, cfg)
-    if study.direction.name.lower() != cfg.direction:
-        raise PipelineError(
-            f"study {cfg.study_name!r} was created to {study.direction.name.lower()}; pick a new study_name"
-        )
-    # Other workers judge this worker's trials dead by the heartbeat they use: all must use one.
-    heartbeat = study.user_attrs.get("heartbeat")
-    if heartbeat is None:
-        study.set_user_attr("heartbeat", cfg.heartbeat)
-    elif heartbeat != cfg.heartbeat:
-        raise PipelineError(
-            f"study {cfg.study_name!r} runs with heartbeat={heartbeat}, not {cfg.heartbeat}; "
-            f"pass heartbeat={heartbeat} (every worker of a study must use the same)"
-        )
-    return study
-
-
-def _check_batch_sizes(study: optuna.Study, cfg: TuneConfig) -> None:
-    """Optuna cannot change a categorical parameter's choices within a study (the float and int ranges
-    may change): refuse other batch_sizes here rather than fail every trial with Optuna's ValueError."""
-    space = next(
-        (t.distributions["batch_size"] for t in study.get_trials(deepcopy=False) if "batch_size" in t.distributions),
-        None,
-    )
-    if space is not None and list(space.choices) != cfg.batch_size_choices:
-        have = ",".join(str(c) for c in space.choices)
-        raise PipelineError(
-            f"study {cfg.study_name!r} draws batch_size from {have}, not batch_sizes={cfg.batch_sizes}; "
-            f"pass batch_sizes={have} to continue it (Optuna cannot change a study's choices), or pick a new study_name"
-        )
 
 
 # --- the search space and one trial -----------------------------------------------------------
@@ -205,22 +97,10 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
     """The trial function; objective.started counts the trials this worker began."""
 
     def objective(trial: optuna.Trial) -> float:
-        trials = trial.study.get_trials(deepcopy=False)
-        (frozen,) = [t for t in trials if t.number == trial.number]
-        if is_surplus(trials, trial.number, cfg.n_trials):
-            # Another worker started a trial in the same instant; this one would overshoot n_trials.
-            trial.set_user_attr(ATTR_SURPLUS, True)
-            trial.study.stop()
-            raise SurplusTrial(
-                f"trial {trial.number} not run: the study already has n_trials={cfg.n_trials} finished or running"
-            )
-        if _is_fresh(frozen) and any(t.state == TrialState.WAITING for t in trials):
-            # A retry (or enqueued trial) was queued while this one was being created: it goes first.
-            trial.set_user_attr(ATTR_SURPLUS, True)
-            raise SurplusTrial(f"trial {trial.number} not run: a queued trial takes its place")
+        frozen = refuse_surplus(trial, cfg.n_trials)
         objective.started += 1
         params = suggest(trial, cfg)
-        start_from = _checkpoint_of_retried(frozen)
+        start_from = checkpoint_of_retried(frozen)
         if frozen.user_attrs.get(ATTR_RUN_ID):
             trial.set_user_attr(ATTR_RUN_ID, "")  # the retried trial's run, not this one's
         trial.set_user_attr(ATTR_WORKER, worker_id())
@@ -263,66 +143,6 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
     heartbeats = has_heartbeats(cfg.storage)
     objective.started = 0
     return objective
-
-
-class SurplusTrial(Exception):
-    """A trial created past n_trials by a race between workers: ended FAIL, marked surplus, not run."""
-
-
-def is_surplus(trials: list[FrozenTrial], number: int, target: int) -> bool:
-    """Whether `target` trials numbered below `number` are already finished or running. Trial
-    numbers are handed out by the storage one at a time, so of two workers racing for the last slot
-    exactly one sees the other's trial ahead of its own."""
-    ahead = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return sum(t.number < number and t.state in ahead for t in trials) >= target
-
-
-def _is_fresh(trial: FrozenTrial) -> bool:
-    """Created by this ask(), not popped from the queue (enqueued by a user, or a retry)."""
-    return "fixed_params" not in trial.system_attrs and "failed_trial" not in trial.system_attrs
-
-
-def _checkpoint_of_retried(trial: FrozenTrial) -> str:
-    """For the retry of a dead worker's trial: the dead trial's run (its user attrs were copied to
-    the retry), if it left a checkpoint."""
-    if trial.system_attrs.get("failed_trial") is None:  # set by RetryHeartbeatStaleTrialCallback
-        return ""
-    run_id = trial.user_attrs.get(ATTR_RUN_ID, "")
-    return run_id if run_id and has_checkpoint(run_id) else ""
-
-
-# --- how many trials are left -------------------------------------------------------------
-
-
-def trial_counts(study: optuna.Study) -> dict[str, int]:
-    """Trials by state; FAIL trials that were never run (surplus of a race) are counted apart."""
-    counts = {s.name.lower(): 0 for s in TrialState} | {"surplus": 0}
-    for t in study.get_trials(deepcopy=False):
-        surplus = t.state == TrialState.FAIL and t.user_attrs.get(ATTR_SURPLUS)
-        counts["surplus" if surplus else t.state.name.lower()] += 1
-    return counts
-
-
-def trials_to_start(study: optuna.Study, target: int) -> int:
-    """Trials still to start so the study reaches `target` finished ones, counting running ones
-    (other workers') as on their way. Trials of dead workers count until marked FAIL: by the
-    heartbeat on SQL storages, never on journal files (raise n_trials to make up for them)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
-    counts = trial_counts(study)
-    return target - counts["complete"] - counts["pruned"] - counts["running"]
-
-
-class StopAtTarget:
-    """optimize() callback: after each trial, stop this worker when nothing is left to start."""
-
-    def __init__(self, target: int):
-        self.target = target
-
-    def __call__(self, study: optuna.Study, trial) -> None:
-        if trials_to_start(study, self.target) <= 0:
-            study.stop()
 
 
 # --- the worker ---------------------------------------------------------------------------

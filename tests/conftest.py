@@ -89,7 +89,8 @@ class TrainedRuns:
 @pytest.fixture(scope="session")
 def trained() -> TrainedRuns:
     from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig
-    from pipeline.runners import run_evaluate, run_prepare, run_train
+    from pipeline.evaluation_run import run_evaluate
+    from pipeline.runners import run_prepare, run_train
 
     exp_id = mlflow.create_experiment("trained-fixture")
     mlflow.set_experiment(experiment_id=exp_id)

@@ -20,7 +20,8 @@ from pipeline.compare import compare
 from pipeline.config import CompareConfig, EvaluateConfig, PrepareConfig, TrainConfig
 from pipeline.data.store import load_dataset
 from pipeline.evaluation_logging import load_class_keys
-from pipeline.runners import run_evaluate, run_prepare, run_train
+from pipeline.evaluation_run import run_evaluate
+from pipeline.runners import run_prepare, run_train
 
 NAMES = [
     "bird (small)", "it's", 'say "hi"', "a+b & c", "#1 % off", "x,y;z", "7up", "long-name-" * 15,

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.compare import compare
 from pipeline.config import CompareConfig, EvaluateConfig
-from pipeline.runners import run_evaluate
+from pipeline.evaluation_run import run_evaluate
 from steps.compare import main
 
 CLASSES = [str(c) for c in range(10)]

@@ -138,7 +138,8 @@ def test_main_reuses_finished_runs_and_recomputes_downstream_of_a_change(experim
 @pytest.mark.skipif(not SHARED_ARCHIVE.exists(), reason=f"the shared CIFAR-10 JPEG archive is not at {SHARED_ARCHIVE}")
 def test_real_jpeg_archive_prepare_pretrain_evaluate(experiment):
     from pipeline.config import EvaluateConfig
-    from pipeline.runners import run_evaluate, run_prepare, run_train
+    from pipeline.evaluation_run import run_evaluate
+    from pipeline.runners import run_prepare, run_train
 
     prep = run_prepare(
         PrepareConfig(

@@ -14,7 +14,8 @@ from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import crop_flip, iter_eval_batches, iter_train_batches, normalize
 from pipeline.device import predict_logits
 from pipeline.models import ResNet9, create_model
-from pipeline.train import _make_optimizer, fit, validate
+from pipeline.optim import create_optimizer
+from pipeline.train import fit, validate
 
 NUM_CLASSES = 3
 SIZE = 8  # pixels: ResNet-9's three 2x poolings take it to 1x1
@@ -54,7 +55,7 @@ def test_one_optimizer_step_changes_weights_and_lowers_the_loss():
     data = tiny_set(16)
     x = normalize(torch.from_numpy(data.images)).contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(data.labels)
-    opt = _make_optimizer(net.parameters(), tiny_cfg(lr=0.01))
+    opt = create_optimizer(net.parameters(), tiny_cfg(lr=0.01))
     before = [p.detach().clone() for p in net.parameters()]
     loss0 = F.cross_entropy(net(x), y)
     opt.zero_grad()
@@ -68,7 +69,7 @@ def test_one_optimizer_step_changes_weights_and_lowers_the_loss():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_lr_and_weight_decay_reach_the_optimizer(optimizer):
-    opt = _make_optimizer(tiny_net().parameters(), tiny_cfg(optimizer=optimizer, lr=0.123, weight_decay=0.0042))
+    opt = create_optimizer(tiny_net().parameters(), tiny_cfg(optimizer=optimizer, lr=0.123, weight_decay=0.0042))
     assert isinstance(opt, torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW)
     (group,) = opt.param_groups
     assert group["lr"] == 0.123 and group["weight_decay"] == 0.0042
@@ -79,7 +80,7 @@ def test_lr_and_weight_decay_reach_the_optimizer(optimizer):
 def test_fit_trains_with_the_configured_recipe(monkeypatch):
     """fit() builds its optimizer from the config, and the training loss is label-smoothed."""
     smoothing, optimizers = [], []
-    real_ce, real_make = F.cross_entropy, train._make_optimizer
+    real_ce, real_make = F.cross_entropy, train.create_optimizer
 
     def spy_ce(*args, **kwargs):
         smoothing.append(kwargs.get("label_smoothing", 0.0))
@@ -90,7 +91,7 @@ def test_fit_trains_with_the_configured_recipe(monkeypatch):
         return optimizers[-1]
 
     monkeypatch.setattr(F, "cross_entropy", spy_ce)
-    monkeypatch.setattr(train, "_make_optimizer", spy_make)
+    monkeypatch.setattr(train, "create_optimizer", spy_make)
     cfg = tiny_cfg(label_smoothing=0.2, lr=0.03, weight_decay=0.001, epochs=1)
     result = fit(tiny_net(), tiny_set(), tiny_set(12, seed=1), cfg, NUM_CLASSES)
     steps = 48 // 16

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pipeline.checkpoint as checkpoint
 import pipeline.train as train
 from pipeline import device as device_mod
 from pipeline.config import EvaluateConfig, TrainConfig, TuneConfig
@@ -94,16 +95,16 @@ def test_an_interruption_mid_epoch_writes_the_last_finished_epoch_and_resumes_eq
 
 def test_checkpoints_are_written_by_time_and_always_after_the_last_epoch(monkeypatch):
     written = []
-    monkeypatch.setattr(train, "save_atomic", lambda ckpt, path: written.append(ckpt["epoch"]))
+    monkeypatch.setattr(checkpoint, "save_atomic", lambda ckpt, path: written.append(ckpt["epoch"]))
     _fit(tiny_cfg(epochs=3, checkpoint_every=3600), checkpoint_path="unused.pt")
     assert written == [3]
     written.clear()
     _fit(tiny_cfg(epochs=3, checkpoint_every=0), checkpoint_path="unused.pt")
     assert written == [1, 2, 3]
 
-    monkeypatch.setattr(train, "checkpoint_state", lambda loop: {"epoch": loop.epoch})
+    monkeypatch.setattr(checkpoint, "checkpoint_state", lambda loop: {"epoch": loop.epoch})
     now = [0.0]
-    schedule = train.CheckpointSchedule("unused.pt", 30, clock=lambda: now[0])
+    schedule = checkpoint.CheckpointSchedule("unused.pt", 30, clock=lambda: now[0])
     written.clear()
     for epoch, t in enumerate([10, 25, 31, 40, 70], 1):  # seconds since training started
         now[0] = t

@@ -131,7 +131,8 @@ def test_pruned_model_predicts_through_the_pyfunc_with_the_logged_scores(pruned_
 
 
 def test_pruned_model_finetunes_and_evaluates_like_any_model(pruned_run):
-    from pipeline.runners import run_evaluate, run_train
+    from pipeline.evaluation_run import run_evaluate
+    from pipeline.runners import run_train
 
     tiny = dict(batch_size=32, augment="none", precision="fp32", device="cpu", system_metrics=False)
     fin = run_train(TrainConfig(data=pruned_run["prepare"], pretrained=pruned_run["prune"], arch="auto", epochs=1,

@@ -11,12 +11,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from pipeline import references, run_checkpoints, runners
+from pipeline import evaluation_run, references, run_checkpoints
 from pipeline.config import EvaluateConfig, TrainConfig
 from pipeline.data.store import load_dataset
 from pipeline.errors import PipelineError
+from pipeline.evaluation_run import run_evaluate
 from pipeline.run_checkpoints import CHECKPOINT_DIR, LAST_CHECKPOINT, CheckpointUploads
-from pipeline.runners import TrialHooks, run_evaluate, run_train
+from pipeline.runners import TrialHooks, run_train
 from tests.conftest import EPOCH_METRICS
 
 TRAIN_PARAMS = {
@@ -180,7 +181,7 @@ def test_evaluate_names_the_splits_a_tree_has_when_the_one_asked_is_missing(trai
         (tmp_path / "tree" / split / "3").mkdir(parents=True)
         (tmp_path / "tree" / split / "3" / "a.png").write_bytes(b"not decoded: refused before")
     decoded = []
-    monkeypatch.setattr(runners, "decode_tree", lambda *a, **k: decoded.append(a))
+    monkeypatch.setattr(evaluation_run, "decode_tree", lambda *a, **k: decoded.append(a))
     with pytest.raises(PipelineError, match=r"has no test/ split; it has train/, val/: set split to one of train, val"):
         run_evaluate(EvaluateConfig(model=trained.finetune, data=str(tmp_path / "tree"), device="cpu"))
     assert decoded == []

@@ -1,0 +1,124 @@
+"""Creating or loading a tune study: its sampler (seeded per trial), its pruner, and the checks that
+a rerun or another worker continues the same study (metric, direction, choices, heartbeat).
+
+Where the study is stored is study_storage's business; this module decides how it searches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import optuna
+from optuna.samplers import BaseSampler
+
+from pipeline.config import TuneConfig
+from pipeline.errors import PipelineError
+from pipeline.study_storage import open_storage, storage_identity
+from pipeline.study_tracking import on_stale_trial
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """A sampler seed for trial `number`, independent of which worker runs it."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(BaseSampler):
+    """Runs a fresh inner sampler seeded with (seed, trial number) for every trial.
+
+    Parallel workers given the same seed would otherwise draw the same hyperparameters; seeding
+    per trial keeps them apart while a single worker stays reproducible.
+    """
+
+    def __init__(self, make: Callable[[int], BaseSampler], seed: int):
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def before_trial(self, study, trial) -> None:
+        self._inner = self._make(trial_seed(self._seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
+def create_sampler(cfg: TuneConfig) -> BaseSampler:
+    if cfg.sampler == "random":
+        return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), cfg.seed)
+    startup = cfg.startup_trials
+    # constant_liar: a running trial counts as a bad result, so parallel workers spread out.
+    return TrialSeededSampler(
+        lambda s: optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True, seed=s), cfg.seed
+    )
+
+
+def create_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        # Prune a trial whose epoch-k value is worse than the median of earlier trials at epoch k.
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=0)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: TuneConfig) -> optuna.Study:
+    """Create the study, or load it (a rerun, another worker) after checking it optimizes cfg.metric."""
+    storage = open_storage(cfg.storage, cfg.heartbeat, on_stale_trial)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=cfg.study_name,
+        direction=cfg.direction,
+        sampler=create_sampler(cfg),
+        pruner=create_pruner(cfg),
+        load_if_exists=True,
+    )
+    metric = study.user_attrs.get("metric")
+    if metric is None:
+        study.set_user_attr("metric", cfg.metric)
+    elif metric != cfg.metric:
+        raise PipelineError(
+            f"study {cfg.study_name!r} in {storage_identity(cfg.storage)} optimizes {metric}, not metric={cfg.metric}; "
+            f"pass metric={metric} to continue it, or pick a new study_name"
+        )
+    _check_batch_sizes(study, cfg)
+    if study.direction.name.lower() != cfg.direction:
+        raise PipelineError(
+            f"study {cfg.study_name!r} was created to {study.direction.name.lower()}; pick a new study_name"
+        )
+    # Other workers judge this worker's trials dead by the heartbeat they use: all must use one.
+    heartbeat = study.user_attrs.get("heartbeat")
+    if heartbeat is None:
+        study.set_user_attr("heartbeat", cfg.heartbeat)
+    elif heartbeat != cfg.heartbeat:
+        raise PipelineError(
+            f"study {cfg.study_name!r} runs with heartbeat={heartbeat}, not {cfg.heartbeat}; "
+            f"pass heartbeat={heartbeat} (every worker of a study must use the same)"
+        )
+    return study
+
+
+def _check_batch_sizes(study: optuna.Study, cfg: TuneConfig) -> None:
+    """Optuna cannot change a categorical parameter's choices within a study (the float and int ranges
+    may change): refuse other batch_sizes here rather than fail every trial with Optuna's ValueError."""
+    space = next(
+        (t.distributions["batch_size"] for t in study.get_trials(deepcopy=False) if "batch_size" in t.distributions),
+        None,
+    )
+    if space is not None and list(space.choices) != cfg.batch_size_choices:
+        have = ",".join(str(c) for c in space.choices)
+        raise PipelineError(
+            f"study {cfg.study_name!r} draws batch_size from {have}, not batch_sizes={cfg.batch_sizes}; "
+            f"pass batch_sizes={have} to continue it (Optuna cannot change a study's choices), or pick a new study_name"
+        )
