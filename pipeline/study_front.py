@@ -73,12 +73,14 @@ def log_front(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) 
         mlflow.set_tags({"pipeline.pick_trial_number": str(picked.number),
                          "pipeline.pick_run_id": picked.user_attrs.get(ATTR_RUN_ID, "")})
     if front:
-        log_front_plot(study, cfg, log)
+        log_front_plot(study, cfg, front, picked, log)
     return front
 
 
-def log_front_plot(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> None:
-    """Optuna's Pareto-front plot: every complete trial, the front highlighted; never fatal."""
+def log_front_plot(study: optuna.Study, cfg: TuneConfig, front: list[FrozenTrial], picked: FrozenTrial | None,
+                   log: Callable[[str], None]) -> None:
+    """Optuna's Pareto-front plot (every complete trial, the front highlighted), the front's trial
+    numbers written beside their points and the pick starred; never fatal."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,6 +91,12 @@ def log_front_plot(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ExperimentalWarning on every call
             ax = ovm.plot_pareto_front(study, target_names=cfg.objective_metrics)
+        for t in front:
+            ax.annotate(f"#{t.number}", t.values, textcoords="offset points", xytext=(5, 5), fontsize=8)
+        if picked is not None:
+            ax.scatter(*picked.values, marker="*", s=250, facecolors="none", edgecolors="black",
+                       label=f"register_pick: trial {picked.number}", zorder=5)
+            ax.legend()
         ax.figure.set_size_inches(8, 5)
         ax.figure.tight_layout()
         mlflow.log_figure(ax.figure, FRONT_PLOT)
@@ -101,8 +109,8 @@ def log_front_plot(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], No
 def describe_front(front: list[FrozenTrial], cfg: TuneConfig, picked: FrozenTrial | None) -> str:
     """The parent description's sentences on the front and the pick."""
     cost = cfg.objective_metrics[1]
-    text = (f"\n\nTwo objectives: {cfg.direction} {cfg.metric}, {cfg.directions[1]} {cost}; pruning is off (Optuna's "
-            f"pruners judge one objective). {len(front)} trial(s) on the Pareto front "
+    text = (f"\n\nTwo objectives, so no trial is pruned (Optuna's pruners judge one). {len(front)} trial(s) on the "
+            "Pareto front "
             f"({', '.join(str(t.number) for t in front) or 'none yet'}): `{FRONT_TABLE}`, `{FRONT_PLOT}`.")
     if picked is not None:
         run_id = picked.user_attrs.get(ATTR_RUN_ID, "")

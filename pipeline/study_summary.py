@@ -72,8 +72,9 @@ def format_params(params: dict, sep: str = " ") -> str:
 def describe_study(cfg: TuneConfig, counts: dict[str, int], best: FrozenTrial | None, versus: str = "") -> str:
     """The parent run's description in the UI: how far the study got, its best trial so far and
     `versus` (best_vs_runner_up's sentence)."""
+    goal = " and ".join(f"{d}s {m}" for d, m in zip(cfg.directions, cfg.objective_metrics))
     text = (
-        f"Optuna study `{cfg.study_name}`, {cfg.direction}s {cfg.metric}: {counts['complete']} complete, "
+        f"Optuna study `{cfg.study_name}`, {goal}: {counts['complete']} complete, "
         f"{counts['pruned']} pruned, {counts['fail']} failed of n_trials={cfg.n_trials}; each trial's run is nested "
         "below."
     )

@@ -155,3 +155,15 @@ def test_two_objective_study_prunes_trials_logs_the_front_and_registers_the_pick
     state, meta = references.load_model_ref(f"runs:/{runs[1].info.run_id}/model")
     assert meta[PRUNED_LAYERS]  # trial 1 was pruned: its shapes are recorded, and the net loads at them
     assert sum(p.numel() for p in build_logged_net(meta, state).parameters()) == runs[1].data.metrics["params"]
+
+
+def test_a_trial_net_is_pruned_and_costed():
+    from pipeline.models import create_model
+    from pipeline.pruning import count_macs_and_params, prune_for_trial
+
+    full = count_macs_and_params(create_model("resnet18", 10), 8)
+    net = create_model("resnet18", 10)
+    cost = prune_for_trial(net, 8, 0.5, timing_seconds=0.05)
+    assert (cost["macs"], cost["params"]) == count_macs_and_params(net, 8)
+    assert cost["macs"] < 0.3 * full[0] and cost["img_per_s_b64"] > 0  # half the channels: about 1/4 of the MACs
+    assert set(prune_for_trial(create_model("resnet18", 10), 8, 0.0)) == {"params", "macs"}  # untimed, unpruned
