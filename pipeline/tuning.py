@@ -113,7 +113,7 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
             trial.set_user_attr(ATTR_RUN_ID, "")  # the retried trial's run, not this one's
         trial.set_user_attr(ATTR_WORKER, worker_id())
         tags = {TAG_STUDY: cfg.study_name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING", TAG_WORKER: worker_id()}
-        seen: dict[str, str] = {}
+        seen: dict = {}  # run_id once known; cost once prepare_net measured it
         log(f"tune: trial {trial.number} {format_params(params)}")
         state = "FAIL"
         try:

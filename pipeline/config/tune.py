@@ -33,7 +33,8 @@ STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """An Optuna study over finetune's lr, batch size, weight decay and frozen depth."""
+    """An Optuna study over finetune's lr, batch size, weight decay, frozen depth (and pruning ratio), on the
+    validation metric or on it and an inference cost (objectives), with a Pareto front."""
 
     data: str = opt("", "prepare_data run id or dataset artifact URI (every trial trains on it)")
     pretrained: str = opt("", "run id, runs:/ or models:/ URI of the model every trial starts from")
