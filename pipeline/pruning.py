@@ -101,3 +101,20 @@ def measure_cost(net: nn.Module, image_size: int, timing_seconds: float = 1.0, t
     for batch in TIMED_BATCHES:
         cost[f"img_per_s_b{batch}"] = inference_rate(classifier, batch, timing_seconds, threads)
     return cost
+
+
+def prune_for_trial(net: nn.Module, image_size: int, pruning_ratio: float, timing_seconds: float = 0.0,
+                    threads: int = 1) -> dict[str, float]:
+    """A tune trial's network: pruned by `pruning_ratio` (0 = left as it is; magnitude importance, one step),
+    and what it costs: params, macs and, when timing_seconds > 0, img_per_s_b64 (as measure_cost times it).
+
+    Training changes the weights, not the shapes, so the cost measured here is the trained model's."""
+    if pruning_ratio > 0:
+        prune_channels(net, image_size, pruning_ratio, "magnitude")
+    macs, params = count_macs_and_params(net.cpu(), image_size)
+    cost = {"params": params, "macs": macs}
+    if timing_seconds > 0:
+        batch = TIMED_BATCHES[-1]
+        cost[f"img_per_s_b{batch}"] = inference_rate(ImageClassifier(net, [], image_size), batch, timing_seconds,
+                                                     threads)
+    return cost

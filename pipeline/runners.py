@@ -90,6 +90,8 @@ class TrialHooks:
     each); otherwise it goes up at most every `upload_every` seconds, and on interruption.
     start_from: an unfinished run of this step whose last checkpoint a NEW run continues from (the
     retry of a dead worker's trial), unlike cfg.resume, which reopens the interrupted run itself.
+    prepare_net(net, image_size) may change the network before training (a trial prunes it; on every
+    rank alike) and log to the active run; the logged model then records the changed layer shapes.
     """
 
     on_epoch: Callable[[int, dict], None] | None = None
@@ -98,6 +100,7 @@ class TrialHooks:
     upload_every: float = CHECKPOINT_UPLOAD_S
     start_from: str = ""
     input_example: bool = True  # False: the model is logged without one (no reload by MLflow to check it)
+    prepare_net: Callable[[torch.nn.Module, int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
             step, _train_run_name(step, cfg), tags, nested, hooks.stopped, run_id=cfg.resume or None,
             system_metrics=cfg.system_metrics) as run:
         with distributed.failing_together(world):
-            inputs = load_training_inputs(cfg, step)
+            inputs = _prepare_net(load_training_inputs(cfg, step), hooks)
             if main:
                 _check_training_space(run.info.artifact_uri, inputs.net, hooks)
                 log_training_inputs(inputs, step, world)
@@ -197,6 +200,17 @@ def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
         origin = f" from {'ImageNet' if cfg.weights == 'imagenet' else 'scratch'}"
         pruned = False
     return TrainingInputs(cfg, ds, manifest, data_uri, net, upstream, origin, pruned)
+
+
+def _prepare_net(inputs: TrainingInputs, hooks: TrialHooks) -> TrainingInputs:
+    """hooks.prepare_net's changes on the whole net, then the frozen stages frozen again: torch-pruning
+    leaves layers without gradients alone, and makes new parameters where it prunes."""
+    if hooks.prepare_net is None:
+        return inputs
+    freeze(inputs.net, 0)
+    hooks.prepare_net(inputs.net, inputs.ds.image_size)
+    freeze(inputs.net, inputs.cfg.frozen_layers)
+    return dataclasses.replace(inputs, pruned=True)  # pruned_layers() then finds which shapes changed, if any
 
 
 def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch.nn.Module, TrainConfig, dict]:

@@ -6,6 +6,7 @@ Where the study is stored is study_storage's business; this module decides how i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -59,12 +60,17 @@ def create_sampler(cfg: TuneConfig) -> BaseSampler:
         return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), cfg.seed)
     startup = cfg.startup_trials
     # constant_liar: a running trial counts as a bad result, so parallel workers spread out.
+    # Two objectives use the same TPE (MOTPE: it splits the trials by Pareto rank): NSGA-II, the classic
+    # choice, draws its first generation (population 50) at random, more trials than a study of
+    # fine-tuning runs usually has, while TPE learns from every trial after startup_trials.
     return TrialSeededSampler(
         lambda s: optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True, seed=s), cfg.seed
     )
 
 
 def create_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
+    if cfg.multi_objective:
+        return optuna.pruners.NopPruner()  # Optuna's pruners judge one value per step; trials never report
     if cfg.pruner == "median":
         # Prune a trial whose epoch-k value is worse than the median of earlier trials at epoch k.
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=0)
@@ -76,10 +82,11 @@ def create_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
 def open_study(cfg: TuneConfig) -> optuna.Study:
     """Create the study, or load it (a rerun, another worker) after checking it optimizes cfg.metric."""
     storage = open_storage(cfg.storage, cfg.heartbeat, on_stale_trial)
+    # directions=[one] makes the same single-objective study as direction=one.
     study = optuna.create_study(
         storage=storage,
         study_name=cfg.study_name,
-        direction=cfg.direction,
+        directions=cfg.directions,
         sampler=create_sampler(cfg),
         pruner=create_pruner(cfg),
         load_if_exists=True,
@@ -93,10 +100,7 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
             f"pass metric={metric} to continue it, or pick a new study_name"
         )
     _check_batch_sizes(study, cfg)
-    if study.direction.name.lower() != cfg.direction:
-        raise PipelineError(
-            f"study {cfg.study_name!r} was created to {study.direction.name.lower()}; pick a new study_name"
-        )
+    _check_objectives(study, cfg)
     # Other workers judge this worker's trials dead by the heartbeat they use: all must use one.
     heartbeat = study.user_attrs.get("heartbeat")
     if heartbeat is None:
@@ -107,6 +111,29 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
             f"pass heartbeat={heartbeat} (every worker of a study must use the same)"
         )
     return study
+
+
+def _check_objectives(study: optuna.Study, cfg: TuneConfig) -> None:
+    """A continued study keeps its objectives: Optuna fixes the directions when the study is created,
+    and two objectives of the same directions (macs, img_per_s differ) are told apart by a user attr."""
+    stored = study.user_attrs.get("objectives")
+    directions = [d.name.lower() for d in study.directions]
+    if stored is None and cfg.multi_objective and directions == cfg.directions:
+        study.set_user_attr("objectives", cfg.objective_names)  # a new study (or one made by hand to enqueue trials)
+        stored = cfg.objective_names
+    have = stored or [cfg.metric]  # a single-objective study has none: its objective is the metric checked above
+    if have != cfg.objective_names or directions != cfg.directions:
+        named = directions if stored is None else [f"{d} {n}" for d, n in zip(directions, have)]
+        held = " and ".join(named)
+        keep = f"objectives={','.join(have)}" if stored else "objectives= (empty: one objective)"
+        raise PipelineError(
+            f"study {cfg.study_name!r} was created to {held}, not objectives={','.join(cfg.objective_names)}; "
+            f"pass {keep} to continue it, or pick a new study_name"
+        )
+    if cfg.multi_objective:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(cfg.objective_metrics)  # names the trials table's columns and the plots' axes
 
 
 def _check_batch_sizes(study: optuna.Study, cfg: TuneConfig) -> None:

@@ -18,39 +18,50 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import registry, tracking
 from pipeline.compare import load_scored_images
 from pipeline.config import TuneConfig
+from pipeline.pareto import PICK_BEST
 from pipeline.stats import compare_to_best
+from pipeline.study_front import describe_front, log_front, picked_trial
 from pipeline.study_tracking import ATTR_RUN_ID, ATTR_WORKER, TAG_STUDY, TAG_TRIAL, worker_id
 
 
 def log_summary(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int], log: Callable[[str], None]) -> None:
-    """On the active (parent) run: trial counts (by state), best value and params, the trials table and plots."""
+    """On the active (parent) run: trial counts (by state), best value and params, the trials table and plots;
+    with two objectives also the Pareto front (study_front), "best" being the front's best metric."""
     finished = counts["complete"] + counts["pruned"]
     tracking.log_metrics({f"trials_{k}": counts[k] for k in ("complete", "pruned", "fail")}, step=finished)
-    best = study.best_trial if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
+    best = picked_trial(study, cfg, PICK_BEST)
     if best is not None:
-        tracking.log_metrics(
-            {f"best_{cfg.metric}": best.value, **{f"best_{k}": v for k, v in best.params.items()}}, step=finished
-        )
-        mlflow.set_tags(
-            {
-                "pipeline.best_trial_number": str(best.number),
-                "pipeline.best_run_id": best.user_attrs.get(ATTR_RUN_ID, ""),
-            }
-        )
-        mlflow.log_dict(
-            {
-                "number": best.number,
-                "value": best.value,
-                "metric": cfg.metric,
-                "params": best.params,
-                "run_id": best.user_attrs.get(ATTR_RUN_ID),
-            },
-            "study/best_trial.json",
-        )
+        _log_best(best, cfg, finished)
     df = study.trials_dataframe()
     mlflow.log_text(df.to_csv(index=False), "study/trials.csv")
-    log_plots(study, log)
-    tracking.set_note(describe_study(cfg, counts, best, best_vs_runner_up(study, cfg)))
+    log_plots(study, log, cfg)
+    note = describe_study(cfg, counts, best, best_vs_runner_up(study, cfg))
+    if cfg.multi_objective:
+        front = log_front(study, cfg, log)
+        note += describe_front(front, cfg, picked_trial(study, cfg))
+    tracking.set_note(note)
+
+
+def _log_best(best: FrozenTrial, cfg: TuneConfig, finished: int) -> None:
+    tracking.log_metrics(
+        {f"best_{cfg.metric}": best.values[0], **{f"best_{k}": v for k, v in best.params.items()}}, step=finished
+    )
+    mlflow.set_tags(
+        {
+            "pipeline.best_trial_number": str(best.number),
+            "pipeline.best_run_id": best.user_attrs.get(ATTR_RUN_ID, ""),
+        }
+    )
+    mlflow.log_dict(
+        {
+            "number": best.number,
+            "value": best.values[0],
+            "metric": cfg.metric,
+            "params": best.params,
+            "run_id": best.user_attrs.get(ATTR_RUN_ID),
+        },
+        "study/best_trial.json",
+    )
 
 
 def format_params(params: dict, sep: str = " ") -> str:
@@ -61,14 +72,15 @@ def format_params(params: dict, sep: str = " ") -> str:
 def describe_study(cfg: TuneConfig, counts: dict[str, int], best: FrozenTrial | None, versus: str = "") -> str:
     """The parent run's description in the UI: how far the study got, its best trial so far and
     `versus` (best_vs_runner_up's sentence)."""
+    goal = " and ".join(f"{d}s {m}" for d, m in zip(cfg.directions, cfg.objective_metrics))
     text = (
-        f"Optuna study `{cfg.study_name}`, {cfg.direction}s {cfg.metric}: {counts['complete']} complete, "
+        f"Optuna study `{cfg.study_name}`, {goal}: {counts['complete']} complete, "
         f"{counts['pruned']} pruned, {counts['fail']} failed of n_trials={cfg.n_trials}; each trial's run is nested "
         "below."
     )
     if best is not None:
         text += (
-            f"\n\nBest: trial {best.number}, {cfg.metric}={best.value:.4f} ({format_params(best.params, ', ')}), "
+            f"\n\nBest: trial {best.number}, {cfg.metric}={best.values[0]:.4f} ({format_params(best.params, ', ')}), "
             f"run `{best.user_attrs.get(ATTR_RUN_ID, '')}`."
         )
         text += f" {versus}" if versus else ""
@@ -79,8 +91,8 @@ def best_vs_runner_up(study: optuna.Study, cfg: TuneConfig) -> str:
     """Whether the best complete trial can be told apart from the runner-up on the validation split
     (the images both were scored on): stats.compare_to_best on their val predictions; "" when
     there is no runner-up or no predictions to compare."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    ranked = sorted(complete, key=lambda t: t.value, reverse=cfg.direction == "maximize")
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    ranked = sorted(complete, key=lambda t: t.values[0], reverse=cfg.direction == "maximize")
     if len(ranked) < 2:
         return ""
     (best, second), runs = ranked[:2], [t.user_attrs.get(ATTR_RUN_ID) for t in ranked[:2]]
@@ -106,8 +118,9 @@ PLOTS = {
 }
 
 
-def log_plots(study: optuna.Study, log: Callable[[str], None]) -> None:
-    """Optuna's matplotlib plots as PNG artifacts; a plot that cannot be drawn is skipped, never fatal."""
+def log_plots(study: optuna.Study, log: Callable[[str], None], cfg: TuneConfig | None = None) -> None:
+    """Optuna's matplotlib plots as PNG artifacts; a plot that cannot be drawn is skipped, never fatal.
+    With two objectives they show the metric (Optuna needs a target), and trials report no epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,13 +128,15 @@ def log_plots(study: optuna.Study, log: Callable[[str], None]) -> None:
     from optuna.visualization import matplotlib as ovm
 
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    multi = cfg is not None and cfg.multi_objective
+    target = {"target": lambda t: t.values[0], "target_name": cfg.metric} if multi else {}
     for name, fn in PLOTS.items():
-        if name == "param_importances" and n_complete < 2:
-            continue  # needs two complete trials
+        if (name == "param_importances" and n_complete < 2) or (multi and name == "intermediate_values"):
+            continue  # needs two complete trials; two-objective trials report no intermediate values
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ExperimentalWarning on every call
-                ax = getattr(ovm, fn)(study)
+                ax = getattr(ovm, fn)(study, **target)
             fig = np.ravel(ax)[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
@@ -148,12 +163,12 @@ def is_registrar(study: optuna.Study, ran: int, started: datetime.datetime) -> b
 def register_best(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> str | None:
     """Register the best trial's model under cfg.register_as when it beats the champion on cfg.metric
     (one version per run), scored on the test split first: the test metrics go to the trial's run and,
-    with the data and pretrained model, into the version's description. Alias `champion` moves to it."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not cfg.register_as or not complete:
-        return None
-    best = study.best_trial
-    run_id = best.user_attrs.get(ATTR_RUN_ID)
+    with the data and pretrained model, into the version's description. Alias `champion` moves to it.
+
+    With two objectives the trial is the front member cfg.register_pick picks. A pick other than `best`
+    trades metric for speed on purpose, so it is not held back by a champion with a better metric."""
+    best = picked_trial(study, cfg) if cfg.register_as else None
+    run_id = best.user_attrs.get(ATTR_RUN_ID) if best is not None else None
     if not run_id:
         return None
     client = MlflowClient()
@@ -162,17 +177,19 @@ def register_best(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], Non
     if existing:
         log(f"tune: trial {best.number}'s model already is {name} version {existing[0].version}")
         return existing[0].version
-    held = registry.champion_holds(name, cfg.metric, best.value, cfg.direction == "maximize")
-    if held:
-        log(f"tune: {held}")
-        return None
+    if cfg.register_pick == PICK_BEST:
+        held = registry.champion_holds(name, cfg.metric, best.values[0], cfg.direction == "maximize")
+        if held:
+            log(f"tune: {held}")
+            return None
     report, images, _ = registry.evaluate_run_on_test(run_id, cfg.data, cfg.device, cfg.precision)
     test = {k: v for k, v in report.metrics.items() if k in registry.TEST_METRICS}
     tracking.log_metrics_to(run_id, test)
     tags = {
         TAG_STUDY: cfg.study_name,
         TAG_TRIAL: str(best.number),
-        cfg.metric: f"{best.value:.6g}",
+        **{k: f"{v:.6g}" for k, v in zip(cfg.objective_metrics, best.values)},
+        **({"register_pick": cfg.register_pick} if cfg.multi_objective else {}),
         **{k: f"{v:.6g}" for k, v in test.items()},
     }
     version = registry.register_run_model(run_id, name, registry.describe_run(run_id, test, len(images)), tags)

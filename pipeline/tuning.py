@@ -19,18 +19,21 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlflow
 import optuna
 import torch
 from optuna.trial import TrialState
 
+from pipeline import tracking
 from pipeline.config import TrainConfig, TuneConfig
 from pipeline.device import resolve_device
+from pipeline.pruning import prune_for_trial
 from pipeline.references import dataset_uri, model_uri, reusing_loads
 from pipeline.run_checkpoints import delete_checkpoints
 from pipeline.runners import TrialHooks, run_train
+from pipeline.study_front import front_trials, picked_trial
 from pipeline.study_setup import open_study
 from pipeline.study_storage import GRACE_BEATS, has_heartbeats
 from pipeline.study_summary import format_params, is_registrar, log_summary, register_best
@@ -62,18 +65,22 @@ from pipeline.trial_accounting import (
 # A failing trial is the study's business, not the worker's: diverged training, or a batch size
 # that does not fit in GPU memory. Anything else (a bad data reference...) stops the worker.
 TRIAL_ERRORS = (NonFiniteLossError, torch.OutOfMemoryError)
+PRUNING_RATIO = "pruning_ratio"  # a searched param that is not a TrainConfig field
 
 
 # --- the search space and one trial -----------------------------------------------------------
 
 
 def suggest(trial: optuna.Trial, cfg: TuneConfig) -> dict:
-    return {
+    params = {
         "lr": trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True),
         "batch_size": trial.suggest_categorical("batch_size", cfg.batch_size_choices),
         "weight_decay": trial.suggest_float("weight_decay", cfg.wd_min, cfg.wd_max, log=True),
         "frozen_layers": trial.suggest_int("frozen_layers", cfg.frozen_min, cfg.frozen_max),
     }
+    if cfg.searches_pruning:
+        params[PRUNING_RATIO] = trial.suggest_float(PRUNING_RATIO, cfg.pruning_ratio_min, cfg.pruning_ratio_max)
+    return params
 
 
 def trial_config(cfg: TuneConfig, params: dict) -> TrainConfig:
@@ -89,14 +96,15 @@ def trial_config(cfg: TuneConfig, params: dict) -> TrainConfig:
         device=cfg.device,
         seed=cfg.seed,
         system_metrics=cfg.system_metrics,
-        **params,
+        **{k: v for k, v in params.items() if k != PRUNING_RATIO},  # pruning happens before training, not in it
     )
 
 
 def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
-    """The trial function; objective.started counts the trials this worker began."""
+    """The trial function; objective.started counts the trials this worker began. It returns the best
+    epoch's metric, or with two objectives (metric, cost) where cost is the trial's macs or img/s."""
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         frozen = refuse_surplus(trial, cfg.n_trials)
         objective.started += 1
         params = suggest(trial, cfg)
@@ -105,32 +113,20 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
             trial.set_user_attr(ATTR_RUN_ID, "")  # the retried trial's run, not this one's
         trial.set_user_attr(ATTR_WORKER, worker_id())
         tags = {TAG_STUDY: cfg.study_name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING", TAG_WORKER: worker_id()}
-        seen: dict[str, str] = {}
-
-        def on_epoch(epoch: int, metrics: dict) -> None:
-            if not seen:
-                seen["run_id"] = mlflow.active_run().info.run_id
-                trial.set_user_attr(ATTR_RUN_ID, seen["run_id"])
-            value = metrics[cfg.metric]
-            trial.report(value, epoch)
-            # After the last epoch the work is done: the trial completes (with its model) however it compares.
-            if epoch < cfg.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"{cfg.metric}={value:.4f} at epoch {epoch}")
-
+        seen: dict = {}  # run_id once known; cost once prepare_net measured it
         log(f"tune: trial {trial.number} {format_params(params)}")
         state = "FAIL"
         try:
             # With heartbeats a dead worker's trial is retried from its checkpoint, so it goes up once per
             # heartbeat interval (and is deleted when the trial ends); without, it stays local (~100 MB).
-            hooks = TrialHooks(on_epoch=on_epoch, stopped=(optuna.TrialPruned,), upload_checkpoints=heartbeats,
-                               upload_every=cfg.heartbeat, start_from=start_from, input_example=False)
+            hooks = TrialHooks(on_epoch=_report_epochs(cfg, trial, seen), stopped=(optuna.TrialPruned,),
+                               upload_checkpoints=heartbeats, upload_every=cfg.heartbeat, start_from=start_from,
+                               input_example=False, prepare_net=_prepare_trial_net(cfg, params, seen))
             run_id = run_train(trial_config(cfg, params), "finetune", nested=True, tags=tags, hooks=hooks)
             seen["run_id"] = run_id
-            value = mlflow.get_run(run_id).data.metrics.get(f"best_{cfg.metric}", math.nan)
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"trial {trial.number}: best {cfg.metric} is {value}")
+            values = _trial_values(cfg, trial.number, run_id, seen)
             state = "COMPLETE"
-            return value
+            return values
         except optuna.TrialPruned:
             state = "PRUNED"
             raise
@@ -143,6 +139,51 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
     heartbeats = has_heartbeats(cfg.storage)
     objective.started = 0
     return objective
+
+
+def _report_epochs(cfg: TuneConfig, trial: optuna.Trial, seen: dict) -> Callable[[int, dict], None]:
+    """After each epoch: link the trial to its run and, with one objective, report to the pruner
+    (Optuna's pruners and trial.report take one value: a two-objective trial is never pruned)."""
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        if "run_id" not in seen:
+            seen["run_id"] = mlflow.active_run().info.run_id
+            trial.set_user_attr(ATTR_RUN_ID, seen["run_id"])
+        if cfg.multi_objective:
+            return
+        value = metrics[cfg.metric]
+        trial.report(value, epoch)
+        # After the last epoch the work is done: the trial completes (with its model) however it compares.
+        if epoch < cfg.epochs and trial.should_prune():
+            raise optuna.TrialPruned(f"{cfg.metric}={value:.4f} at epoch {epoch}")
+
+    return on_epoch
+
+
+def _prepare_trial_net(cfg: TuneConfig, params: dict, seen: dict):
+    """Before training: prune by the trial's pruning_ratio and measure the cost objective, logged to the
+    trial's run (params, macs, and img_per_s_b64 when it is an objective); None when neither is asked."""
+    if not (cfg.multi_objective or cfg.searches_pruning):
+        return None
+    timed = "img_per_s_b64" in cfg.objective_metrics
+
+    def prepare(net: torch.nn.Module, image_size: int) -> None:
+        ratio = params.get(PRUNING_RATIO, 0.0)
+        cost = prune_for_trial(net, image_size, ratio, cfg.timing_seconds if timed else 0.0, cfg.timing_threads)
+        tracking.log_params({PRUNING_RATIO: ratio})
+        tracking.log_metrics(cost)
+        seen["cost"] = cost
+
+    return prepare
+
+
+def _trial_values(cfg: TuneConfig, number: int, run_id: str, seen: dict) -> float | tuple[float, float]:
+    value = mlflow.get_run(run_id).data.metrics.get(f"best_{cfg.metric}", math.nan)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"trial {number}: best {cfg.metric} is {value}")
+    if not cfg.multi_objective:
+        return value
+    return value, float(seen["cost"][cfg.objective_metrics[1]])
 
 
 # --- the worker ---------------------------------------------------------------------------
@@ -159,6 +200,7 @@ class TuneResult:
     best_params: dict | None = None
     best_run_id: str | None = None
     registered_version: str | None = None
+    front: list[int] = field(default_factory=list)  # two objectives: the Pareto front's trial numbers
 
 
 def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
@@ -178,10 +220,11 @@ def run_study(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult
         log_summary(study, cfg, trial_counts(study), log)
         version = register_best(study, cfg, log) if is_registrar(study, mine, started) else None
     result = TuneResult(cfg.study_name, parent_id, mine, trial_counts(study), registered_version=version)
-    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        best = study.best_trial
-        result.best_number, result.best_value, result.best_params = best.number, best.value, dict(best.params)
+    best = picked_trial(study, cfg)  # the best trial; with two objectives the front member register_pick picks
+    if best is not None:
+        result.best_number, result.best_value, result.best_params = best.number, best.values[0], dict(best.params)
         result.best_run_id = best.user_attrs.get(ATTR_RUN_ID)
+        result.front = [t.number for t in front_trials(study, cfg)] if cfg.multi_objective else []
     return result
 
 
@@ -229,7 +272,9 @@ def run_trials(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None])
 def _log_trial(log: Callable[[str], None]):
     def callback(study: optuna.Study, trial) -> None:
         if trial.state == TrialState.COMPLETE:
-            log(f"tune: trial {trial.number} COMPLETE {study.user_attrs.get('metric')}={trial.value:.4f}")
+            costs = zip(study.user_attrs.get("objectives", [])[1:], trial.values[1:])
+            cost = "".join(f" {n}={v:.4g}" for n, v in costs)
+            log(f"tune: trial {trial.number} COMPLETE {study.user_attrs.get('metric')}={trial.values[0]:.4f}{cost}")
         elif trial.state == TrialState.PRUNED and trial.intermediate_values:
             epoch = max(trial.intermediate_values)
             log(f"tune: trial {trial.number} PRUNED after epoch {epoch} ({trial.intermediate_values[epoch]:.4f})")

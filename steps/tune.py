@@ -4,6 +4,8 @@ Writes one parent MLflow run per study (named after it) holding one nested finet
 trial (params, per-epoch metrics, model; tags pipeline.trial_number and pipeline.trial_state),
 and on the parent: best value and params, study/trials.csv and Optuna's plots under study/.
 With register_as, the best trial's model is registered and alias `champion` follows the best.
+With objectives=<metric>,macs (or img_per_s) the study has two objectives: the parent also logs the
+Pareto front (study/pareto_front.csv and .png), and register_pick says which front member to register.
 
 n_trials is the study's total: rerunning adds trials only up to it, and the same command in
 several processes on one storage (a journal file on one machine; PostgreSQL across machines) adds
@@ -30,7 +32,9 @@ def main(**params):
                f"({result.trials_run} by this worker); parent run: {result.parent_run_id}")
     if result.best_number is not None:
         params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items())
-        click.echo(f"best trial {result.best_number}: {result.best_value:.4f} with {params}; run: {result.best_run_id}")
+        front = ", ".join(map(str, result.front))
+        which = f"Pareto front: trials {front}; picked" if front else "best trial"
+        click.echo(f"{which} {result.best_number}: {result.best_value:.4f} with {params}; run: {result.best_run_id}")
 
 
 if __name__ == "__main__":

@@ -138,3 +138,18 @@ def test_prune_defaults_are_the_mlproject_defaults():
             continue
         expected = str(default).lower() if isinstance(default, bool) else default
         assert (float(spec["default"]) if spec["type"] == "float" else spec["default"]) == expected, name
+
+
+def test_tune_defaults_are_the_mlproject_defaults():
+    from pipeline.config import TuneConfig
+
+    params = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["tune"]["parameters"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TuneConfig)}
+    assert set(params) == set(defaults)
+    for name, spec in params.items():
+        if not isinstance(spec, dict):  # required: `data: string`
+            assert defaults[name] == "", name
+            continue
+        default = defaults[name]
+        expected = str(default).lower() if isinstance(default, bool) else default
+        assert (float(spec["default"]) if spec["type"] == "float" else spec["default"]) == expected, name
