@@ -28,6 +28,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -121,7 +122,7 @@ def pick_stratified(labels: np.ndarray, num_classes: int, s: PruneBenchSettings)
 
 def settle_precision(s: PruneBenchSettings, num_classes: int) -> tuple[str, dict]:
     """precision=auto: measured fp32 vs bf16 for this network (what pretrain's runner does); the choice
-    trains both the parent and the recovery, so both run at the same speed per MAC."""
+    trains both the parent and the recovery (the prune step would pass "auto" on, fp32 without AMX)."""
     if s.precision != "auto":
         return s.precision, {}
     _, verdict = resolve_cpu_amp_dtype(ARCH, s.image_size, s.batch_size, num_classes)
@@ -134,10 +135,20 @@ def train_config(s: PruneBenchSettings, precision: str, epochs: int, lr: float) 
                        seed=s.seed, system_metrics=False)
 
 
-def train(net: torch.nn.Module, train_set: ImageSet, val: ImageSet, cfg: TrainConfig, num_classes: int) -> dict:
+def log_progress(message: str) -> None:
+    """A line on stderr: the default run takes 10-20 minutes and stdout carries only the JSON record."""
+    print(f"[prune bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def train(net: torch.nn.Module, train_set: ImageSet, val: ImageSet, cfg: TrainConfig, num_classes: int,
+          name: str) -> dict:
     """fit() in place; what it did: epochs, best epoch, img/s and the val accuracy curve."""
+    def report_epoch(epoch: int, metrics: dict) -> None:
+        log_progress(f"{name} epoch {epoch}/{cfg.epochs}: val_accuracy {metrics['val_accuracy']:.4f}, "
+                     f"{metrics['images_per_sec']:.0f} img/s, load {os.getloadavg()[0]:.1f}")
+
     t0 = time.perf_counter()
-    result = fit(net, train_set, val, cfg, num_classes)
+    result = fit(net, train_set, val, cfg, num_classes, report_epoch)
     return {"epochs": cfg.epochs, "lr": cfg.lr, "images": len(train_set), "best_epoch": result.best_epoch,
             "train_s": round(time.perf_counter() - t0, 1),
             "img_per_s": round(statistics.median(h["images_per_sec"] for h in result.history), 1),
@@ -210,14 +221,17 @@ def measure_parent_and_pruned(s: PruneBenchSettings) -> dict:
     class_names, train_set, val, test = load_splits(s)
     num_classes = len(class_names)
     precision, verdict = settle_precision(s, num_classes)
+    log_progress(f"{len(train_set)} train / {len(val)} val / {len(test)} test images; training in {precision}")
     seed_everything(s.seed)
     parent = create_model(ARCH, num_classes)
-    parent_trained = train(parent, train_set, val, train_config(s, precision, s.epochs, s.lr), num_classes)
+    parent_trained = train(parent, train_set, val, train_config(s, precision, s.epochs, s.lr), num_classes,
+                           "parent")
     pruned = copy.deepcopy(parent).cpu()
     prune_channels(pruned, s.image_size, s.pruning_ratio, s.importance)
     pruned_before_recovery = score(pruned, test, class_names)
     recovered = train(pruned, train_set, val, train_config(s, precision, s.recovery_epochs, s.recovery_lr),
-                      num_classes)
+                      num_classes, "recovery")
+    log_progress("timing parent and pruned, alternated")
     costs = time_side_by_side(parent, pruned, s)
     costs["parent"]["test_accuracy"] = round(score(parent, test, class_names), 4)
     costs["pruned"]["test_accuracy"] = round(score(pruned, test, class_names), 4)
