@@ -7,6 +7,8 @@ Prints one JSON line per measurement on stdout:
                                                   per case, when more than one precision ran
     {"bench": "tracking_overhead", "overhead_pct": ..., ...}
     {"bench": "tuning_overhead", "per_trial_s": ..., ...}
+    {"bench": "prune", "parent": ..., "pruned": ..., "macs_reduction": ..., "target_met": ...}
+                                                  issue 15's target (benchmarks.prune_bench; --skip-prune)
     {"bench": "total", "wall_s": ...}
 
 Defaults fit a 2-core CPU in a few minutes; on a GPU pass more steps (benchmarks/gpu_check.sh).
@@ -36,6 +38,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.prune_bench import add_arguments as add_prune_arguments  # noqa: E402
+from benchmarks.prune_bench import run_prune_bench, settings_from  # noqa: E402
 from benchmarks.throughput import CPU_CASES, Case, compare, summarize_precisions  # noqa: E402
 from pipeline.device import resolve_amp_dtype, resolve_device  # noqa: E402
 from pipeline.precision import CACHE_ENV, cpu_model_name  # noqa: E402
@@ -143,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-overhead", action="store_true", help="skip the tracking and tuning overhead")
     p.add_argument("--trials", type=int, default=5, help="Optuna trials for the tuning overhead")
+    p.add_argument("--skip-prune", action="store_true",
+                   help="skip the pruned-vs-parent ResNet-18 bench on --archive (10-15 minutes on 2 cores)")
+    add_prune_arguments(p)
     p.add_argument("--tiny", action="store_true", default=os.environ.get("BENCH_TINY") == "1",
                    help="one step of everything (harness smoke test; also BENCH_TINY=1)")
     args = p.parse_args(argv)
@@ -179,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_overhead:
         emit(tracking_overhead(epochs=1 if args.tiny else 2, device=args.device))
         emit(tuning_overhead(n_trials=args.trials, epochs=1 if args.tiny else 3))
+    if not args.skip_prune:
+        emit(run_prune_bench(settings_from(args, args.archive, args.tiny)))
     emit({"bench": "total", "wall_s": round(time.perf_counter() - t_start, 1)})
 
 
