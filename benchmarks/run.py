@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-overhead", action="store_true", help="skip the tracking and tuning overhead")
     p.add_argument("--trials", type=int, default=5, help="Optuna trials for the tuning overhead")
     p.add_argument("--skip-prune", action="store_true",
-                   help="skip the pruned-vs-parent ResNet-18 bench on --archive (10-15 minutes on 2 cores)")
+                   help="skip the pruned-vs-parent ResNet-18 bench on --archive (9-25 minutes on 2 cores)")
     add_prune_arguments(p)
     p.add_argument("--tiny", action="store_true", default=os.environ.get("BENCH_TINY") == "1",
                    help="one step of everything (harness smoke test; also BENCH_TINY=1)")
