@@ -91,26 +91,26 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
         pruner=create_pruner(cfg),
         load_if_exists=True,
     )
-    metric = study.user_attrs.get("metric")
-    if metric is None:
-        study.set_user_attr("metric", cfg.metric)
-    elif metric != cfg.metric:
-        raise PipelineError(
-            f"study {cfg.study_name!r} in {storage_identity(cfg.storage)} optimizes {metric}, not metric={cfg.metric}; "
-            f"pass metric={metric} to continue it, or pick a new study_name"
-        )
+    _pin_study_attr(study, "metric", cfg.metric, lambda have: (
+        f"study {cfg.study_name!r} in {storage_identity(cfg.storage)} optimizes {have}, not metric={cfg.metric}; "
+        f"pass metric={have} to continue it, or pick a new study_name"))
     _check_batch_sizes(study, cfg)
     _check_objectives(study, cfg)
     # Other workers judge this worker's trials dead by the heartbeat they use: all must use one.
-    heartbeat = study.user_attrs.get("heartbeat")
-    if heartbeat is None:
-        study.set_user_attr("heartbeat", cfg.heartbeat)
-    elif heartbeat != cfg.heartbeat:
-        raise PipelineError(
-            f"study {cfg.study_name!r} runs with heartbeat={heartbeat}, not {cfg.heartbeat}; "
-            f"pass heartbeat={heartbeat} (every worker of a study must use the same)"
-        )
+    _pin_study_attr(study, "heartbeat", cfg.heartbeat, lambda have: (
+        f"study {cfg.study_name!r} runs with heartbeat={have}, not {cfg.heartbeat}; "
+        f"pass heartbeat={have} (every worker of a study must use the same)"))
     return study
+
+
+def _pin_study_attr(study: optuna.Study, name: str, value, refusal: Callable[[object], str]) -> None:
+    """Store `value` as the study's user attr `name`, or refuse a continued study that stored another
+    value `have` with the message refusal(have)."""
+    have = study.user_attrs.get(name)
+    if have is None:
+        study.set_user_attr(name, value)
+    elif have != value:
+        raise PipelineError(refusal(have))
 
 
 def _check_objectives(study: optuna.Study, cfg: TuneConfig) -> None:
