@@ -174,11 +174,34 @@ def param_text(value) -> str:
     return "" if value is None else str(value)
 
 
+# run id -> its params as far as this process knows them: what the run had when step_run started or
+# reopened it, plus what log_params logged since (saves a run lookup per log_params call).
+_known_params: dict[str, dict[str, str]] = {}
+# run id -> the name this process last gave it (saves a lookup for tune's trial names)
+_given_names: dict[str, str] = {}
+
+
 def log_params(params: dict) -> None:
     """Log params, skipping those `mlflow run` already logged as typed (e.g. lr=1e-2 vs 0.01):
     MLflow refuses to change a param, and the user's spelling is the one worth keeping."""
-    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: param_text(v) for k, v in params.items() if k not in existing})
+    run_id = mlflow.active_run().info.run_id
+    if run_id not in _known_params:
+        _known_params[run_id] = dict(mlflow.get_run(run_id).data.params)
+    existing = _known_params[run_id]
+    new = {k: param_text(v) for k, v in params.items() if k not in existing}
+    mlflow.log_params(new)
+    existing.update(new)
+
+
+def set_run_name(name: str, tags: dict | None = None) -> None:
+    """Name the active run, with other tags in the same call."""
+    mlflow.set_tags({**(tags or {}), "mlflow.runName": name})
+    _given_names[mlflow.active_run().info.run_id] = name
+
+
+def name_given(run_id: str) -> str | None:
+    """The name this process gave the run (step_run, set_run_name), or None."""
+    return _given_names.get(run_id)
 
 
 def arch_of(run) -> str:
@@ -234,10 +257,11 @@ def step_run(step: str, run_name: str | None = None, tags: dict | None = None, n
     if run_id and launcher and launcher != run_id:
         _point_to(launcher, run_id, step)
     tags = {TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})}
-    run = mlflow.start_run(run_id=run_id, nested=nested, tags=tags,
+    run = mlflow.start_run(run_id=run_id, nested=nested, tags=tags, run_name=run_name or None,
                            log_system_metrics=system_metrics)
+    _known_params[run.info.run_id] = dict(run.data.params)  # start_run read (or created) the run
     if run_name:
-        mlflow.set_tag("mlflow.runName", run_name)
+        _given_names[run.info.run_id] = run_name
     with ending_run(stopped):
         yield run
 

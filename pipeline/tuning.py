@@ -258,7 +258,8 @@ def make_objective(cfg: TuneConfig, log: Callable[[str], None]):
             raise
         finally:
             mark_trial_run(trial, seen.get("run_id"), state)
-            for done in (seen.get("run_id"), start_from):
+            # A COMPLETE trial's run_train deleted its own checkpoint already.
+            for done in (seen.get("run_id") if state != "COMPLETE" else None, start_from):
                 if heartbeats and done:
                     delete_checkpoints(done)
 
