@@ -34,13 +34,14 @@ def has_checkpoint(run_id: str) -> bool:
     return any(a.path.endswith(LAST_CHECKPOINT) for a in MlflowClient().list_artifacts(run_id, CHECKPOINT_DIR))
 
 
-def delete_checkpoints(run_id: str) -> None:
+def delete_checkpoints(run_id: str, artifact_uri: str = "") -> None:
     """Drop a finished run's resumable checkpoint (~100 MB for a ResNet-18 with its optimizer state).
-    Best effort: stores that cannot delete keep it."""
+    Best effort: stores that cannot delete keep it. artifact_uri (the run's, when known) saves a lookup."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     try:
-        get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(CHECKPOINT_DIR)
+        uri = artifact_uri or MlflowClient().get_run(run_id).info.artifact_uri
+        get_artifact_repository(uri).delete_artifacts(CHECKPOINT_DIR)
     except (MlflowException, OSError, NotImplementedError):
         pass
 

@@ -146,7 +146,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
             return None
         log_training_outputs(inputs, step, result, run.info.run_id, device, hooks.input_example)
     if not inputs.cfg.keep_checkpoint:  # the run ended FINISHED: nothing will resume it
-        delete_checkpoints(run.info.run_id)
+        delete_checkpoints(run.info.run_id, run.info.artifact_uri)
     return run.info.run_id
 
 
@@ -230,11 +230,13 @@ def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch
 def log_training_inputs(inputs: TrainingInputs, step: str, world) -> None:
     """The run's name (arch=auto now resolved), upstream tags, params, and for a new run its config and data."""
     cfg, ds = inputs.cfg, inputs.ds
+    tags = {**inputs.upstream, tracking.TAG_ARCH: cfg.arch}
     if step == "finetune":
-        mlflow.set_tag("mlflow.runName", _train_run_name(step, cfg))
-    mlflow.set_tags({**inputs.upstream, tracking.TAG_ARCH: cfg.arch})
-    tracking.log_params(cfg.to_params())
-    tracking.log_params({"num_classes": ds.num_classes, "trainable_params": count_trainable(inputs.net),
+        tracking.set_run_name(_train_run_name(step, cfg), tags)
+    else:
+        mlflow.set_tags(tags)
+    tracking.log_params({**cfg.to_params(), "num_classes": ds.num_classes,
+                         "trainable_params": count_trainable(inputs.net),
                          "train_images": len(ds.splits["train"]), "world_size": world.size})
     if not cfg.resume:  # a new run (a trial's retry too) records its config and data
         tracking.log_config(cfg.to_params())

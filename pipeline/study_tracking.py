@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import mlflow
 import optuna
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -70,9 +71,10 @@ def mark_trial_run(trial: optuna.Trial, run_id: str | None, state: str) -> None:
         return  # failed before its run started
     trial.set_user_attr(ATTR_RUN_ID, run_id)
     client = MlflowClient()
-    name = client.get_run(run_id).info.run_name or "finetune"
-    client.set_tag(run_id, TAG_STATE, state)
-    client.set_tag(run_id, "mlflow.runName", f"trial {trial.number} {state.lower()}: {name}")
+    # The name this worker gave the run; another worker's (a dead worker's trial) is looked up.
+    name = tracking.name_given(run_id) or client.get_run(run_id).info.run_name or "finetune"
+    tags = {TAG_STATE: state, "mlflow.runName": f"trial {trial.number} {state.lower()}: {name}"}
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])  # one call, not one per tag
 
 
 def run_of_trial(number: int, condition: str) -> str | None:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.models import ModelSignature, infer_signature
+from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
-from pipeline.calibration import temperature_of
+from pipeline import pyfunc_template
 from pipeline.preflight import TrackingLost
 from pipeline.serving import META_ARTIFACT, WEIGHTS_ARTIFACT, predictions_frame
 
@@ -107,30 +107,57 @@ def log_model(classifier: torch.nn.Module, meta: dict, sample: np.ndarray, with_
     dict and metadata, which later steps load with weights_only=True and no unpickling. meta's
     "temperature" (None or absent: 1.0) divides the logits before the served softmax.
 
-    with_example=False logs no input example: MLflow then skips loading the saved model again to
-    predict it (about a second a model on a CPU), which tuning trials leave out."""
-    classifier = classifier.cpu().eval()
+    with_example=False (tuning trials) logs no input example, which MLflow would load the saved model
+    again to predict (about a second a model on a CPU), and copies the pyfunc folder this process
+    saved for its first such model (pipeline.pyfunc_template) instead of building it again."""
+    net = classifier.cpu().eval().net
+    signature = model_signature(sample, meta["class_names"])
+    if not with_example:
+        return _log_from_template(net, meta, signature)
     with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, WEIGHTS_FILE)
-        torch.save(classifier.net.state_dict(), weights)
-        meta_path = os.path.join(tmp, META_FILE)
-        Path(meta_path).write_text(json.dumps(meta, indent=2))
-        with torch.no_grad():
-            probs = torch.softmax(classifier(torch.from_numpy(sample)).float() / temperature_of(meta), 1).numpy()
-        # Any image size is accepted (resized inside), so H and W are left open in the signature.
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-            outputs=infer_signature(sample, predictions_frame(probs, meta["class_names"])).outputs,
-        )
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=str(PROJECT_ROOT / "pipeline" / "pyfunc_model.py"),
-            artifacts={WEIGHTS_ARTIFACT: weights, META_ARTIFACT: meta_path},
-            signature=signature,
-            input_example=sample if with_example else None,
-            code_paths=[str(PROJECT_ROOT / "pipeline")],
-            pip_requirements=_pinned_requirements(),
-        )
+        weights, meta_path = os.path.join(tmp, WEIGHTS_FILE), os.path.join(tmp, META_FILE)
+        write_model_files({WEIGHTS_ARTIFACT: weights, META_ARTIFACT: meta_path}, net, meta)
+        info = mlflow.pyfunc.log_model(name=MODEL_NAME, signature=signature, input_example=sample,
+                                       **_pyfunc_args(weights, meta_path))
+    return info.model_uri
+
+
+def model_signature(sample: np.ndarray, class_names: list[str]) -> ModelSignature:
+    """Any image size is accepted (resized inside), so H and W are left open; the outputs are
+    predictions_frame's columns (their types do not depend on the probabilities' values)."""
+    probs = np.full((len(sample), len(class_names)), 1 / len(class_names), np.float32)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=infer_signature(sample, predictions_frame(probs, class_names)).outputs,
+    )
+
+
+def write_model_files(paths: dict[str, str | Path], net: torch.nn.Module, meta: dict) -> None:
+    """The model's two artifacts, by pyfunc artifact name: the state dict and the metadata."""
+    torch.save(net.state_dict(), paths[WEIGHTS_ARTIFACT])
+    Path(paths[META_ARTIFACT]).write_text(json.dumps(meta, indent=2))
+
+
+def _pyfunc_args(weights: str, meta_path: str) -> dict:
+    return dict(
+        python_model=str(PROJECT_ROOT / "pipeline" / "pyfunc_model.py"),
+        artifacts={WEIGHTS_ARTIFACT: weights, META_ARTIFACT: meta_path},
+        code_paths=[str(PROJECT_ROOT / "pipeline")],
+        pip_requirements=_pinned_requirements(),
+    )
+
+
+def _log_from_template(net: torch.nn.Module, meta: dict, signature: ModelSignature) -> str:
+    def save(path: str) -> None:  # the first model's files make the folder; each model replaces them
+        with tempfile.TemporaryDirectory() as tmp:
+            weights, meta_path = os.path.join(tmp, WEIGHTS_FILE), os.path.join(tmp, META_FILE)
+            write_model_files({WEIGHTS_ARTIFACT: weights, META_ARTIFACT: meta_path}, net, meta)
+            mlflow.pyfunc.save_model(path, signature=signature, **_pyfunc_args(weights, meta_path))
+
+    # The folder depends on the code it ships and the requirements it pins, not on the weights.
+    template = pyfunc_template.template_dir((code_version(), tuple(_pinned_requirements())), save)
+    flavor = pyfunc_template.TemplateFlavor(template, lambda paths: write_model_files(paths, net, meta), signature)
+    info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=flavor, flavor_name=pyfunc_template.PYFUNC_FROM_CODE)
     return info.model_uri
 
 
@@ -147,11 +174,34 @@ def param_text(value) -> str:
     return "" if value is None else str(value)
 
 
+# run id -> its params as far as this process knows them: what the run had when step_run started or
+# reopened it, plus what log_params logged since (saves a run lookup per log_params call).
+_known_params: dict[str, dict[str, str]] = {}
+# run id -> the name this process last gave it (saves a lookup for tune's trial names)
+_given_names: dict[str, str] = {}
+
+
 def log_params(params: dict) -> None:
     """Log params, skipping those `mlflow run` already logged as typed (e.g. lr=1e-2 vs 0.01):
     MLflow refuses to change a param, and the user's spelling is the one worth keeping."""
-    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: param_text(v) for k, v in params.items() if k not in existing})
+    run_id = mlflow.active_run().info.run_id
+    if run_id not in _known_params:
+        _known_params[run_id] = dict(mlflow.get_run(run_id).data.params)
+    existing = _known_params[run_id]
+    new = {k: param_text(v) for k, v in params.items() if k not in existing}
+    mlflow.log_params(new)
+    existing.update(new)
+
+
+def set_run_name(name: str, tags: dict | None = None) -> None:
+    """Name the active run, with other tags in the same call."""
+    mlflow.set_tags({**(tags or {}), "mlflow.runName": name})
+    _given_names[mlflow.active_run().info.run_id] = name
+
+
+def name_given(run_id: str) -> str | None:
+    """The name this process gave the run (step_run, set_run_name), or None."""
+    return _given_names.get(run_id)
 
 
 def arch_of(run) -> str:
@@ -207,10 +257,11 @@ def step_run(step: str, run_name: str | None = None, tags: dict | None = None, n
     if run_id and launcher and launcher != run_id:
         _point_to(launcher, run_id, step)
     tags = {TAG_STEP: step, TAG_CODE: code_version(), **(tags or {})}
-    run = mlflow.start_run(run_id=run_id, nested=nested, tags=tags,
+    run = mlflow.start_run(run_id=run_id, nested=nested, tags=tags, run_name=run_name or None,
                            log_system_metrics=system_metrics)
+    _known_params[run.info.run_id] = dict(run.data.params)  # start_run read (or created) the run
     if run_name:
-        mlflow.set_tag("mlflow.runName", run_name)
+        _given_names[run.info.run_id] = run_name
     with ending_run(stopped):
         yield run
 

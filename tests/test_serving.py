@@ -379,3 +379,30 @@ def test_a_model_without_a_temperature_serves_the_plain_softmax(trained, test_sp
                                                   WEIGHTS_ARTIFACT: str(folder / "state_dict.pt")}))
     out = model.predict(None, test.images)
     np.testing.assert_allclose(out.filter(like="prob_").to_numpy(), softmax(logits, axis=1), atol=1e-4)
+
+
+def test_trial_models_from_one_saved_folder_load_and_predict_their_own_weights(experiment):
+    """Tuning trials log their models without an input example, from a pyfunc folder saved once per
+    process (pipeline.pyfunc_template): each is still a pyfunc model of its own, with its own weights."""
+    from pipeline import tracking
+    from pipeline.models import ImageClassifier
+    from pipeline.references import load_model_ref
+
+    names = ["cat", "dog", "emu"]
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    meta = {"arch": "resnet18", "num_classes": 3, "class_names": names, "image_size": 8, "dropout": 0.0,
+            "temperature": None}
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = create_model("resnet18", 3)
+        with mlflow.start_run() as run:
+            tracking.log_model(ImageClassifier(net, names, 8), meta, images[:2], with_example=False)
+        runs.append((run.info.run_id, {k: v.clone() for k, v in net.state_dict().items()}))
+    for run_id, weights in runs:
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        assert model.metadata.run_id == run_id
+        assert set(model.predict(images)["class_name"]) <= set(names)
+        state, loaded_meta = load_model_ref(run_id)
+        assert loaded_meta["class_names"] == names
+        assert all(torch.equal(state[k], weights[k]) for k in weights)
