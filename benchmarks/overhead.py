@@ -181,15 +181,19 @@ def tracking_overhead(epochs: int = 2, device: str = "cpu") -> dict:
     }
 
 
-def _fake_fit(net, train, val, cfg, num_classes, on_epoch=None, checkpoint_path=None, *args, **kwargs) -> FitResult:
+def _fake_fit(net, train, val, cfg, num_classes, on_epoch=None, checkpoint_path=None, *args,
+              final_checkpoint=None, **kwargs) -> FitResult:
     """fit() without training: made-up improving metrics reported to on_epoch, and where fit() would
     write its resumable checkpoint, one of the real size (weights, momentum, best weights). Its epochs
     take no time, so fit()'s schedule (every cfg.checkpoint_every seconds, always after the last
-    epoch) writes only the last one, or every epoch with checkpoint_every=0."""
+    epoch unless final_checkpoint() says no one reads it) writes only the last one, or every epoch with
+    checkpoint_every=0."""
     history = []
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     for epoch in range(1, cfg.epochs + 1):
-        if checkpoint_path and (epoch == cfg.epochs or cfg.checkpoint_every <= 0):
+        last = epoch == cfg.epochs
+        if checkpoint_path and ((not last and cfg.checkpoint_every <= 0)
+                                or (last and (final_checkpoint is None or final_checkpoint()))):
             save_atomic(
                 {"model": net.state_dict(), "optimizer": state, "best_model": state, "epoch": epoch}, checkpoint_path
             )

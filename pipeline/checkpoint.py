@@ -87,15 +87,24 @@ class CheckpointSchedule:
 
     Between writes the last finished epoch's state is kept as an in-memory copy on the device (a
     device-to-device copy), which write_pending() puts on disk when training is interrupted.
+    final_needed() is asked after the last epoch: False skips that write (the caller deletes the file
+    once fit() returns and uploads nothing now), unless training is stopped before fit() returns.
     """
 
-    def __init__(self, path: str | None, every_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: str | None, every_s: float, clock: Callable[[], float] = time.monotonic,
+                 final_needed: Callable[[], bool] | None = None):
         self.path, self.every_s, self.clock = path, every_s, clock
+        self.final_needed = final_needed or (lambda: True)
         self.last_write = clock()
         self.pending: dict | None = None
 
     def after_epoch(self, state: LoopState, final: bool) -> None:
         if not self.path:
+            return
+        if final and not self.final_needed():
+            # Nobody reads the last epoch's checkpoint unless training is stopped before fit() returns:
+            # keep it for write_pending. No copy: no optimizer step follows the last epoch.
+            self.pending = checkpoint_state(state)
             return
         if final or self.every_s <= 0 or self.clock() - self.last_write >= self.every_s:
             self.pending = None

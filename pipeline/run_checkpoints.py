@@ -78,8 +78,12 @@ class CheckpointUploads:
         self._last = time.monotonic()
         self._uploaded_mtime: float | None = None
 
+    def is_due(self) -> bool:
+        """Whether a checkpoint written now would go up after this epoch."""
+        return self.enabled and time.monotonic() - self._last >= self.every
+
     def after_epoch(self) -> None:
-        if self.enabled and time.monotonic() - self._last >= self.every and self._has_new_checkpoint():
+        if self.is_due() and self._has_new_checkpoint():
             self.upload_now()
             self._last = time.monotonic()
 

@@ -289,8 +289,10 @@ def _fit_uploading_checkpoints(inputs: TrainingInputs, step: str, resume_state: 
             hooks.on_epoch(epoch, metrics)
 
     try:
+        # The last epoch's checkpoint is read only if it goes up now or is kept: fit() then skips the write.
         result = fit(inputs.net, ds.splits["train"], ds.splits["val"], cfg, ds.num_classes,
-                     log_epoch if world.is_main else None, ckpt, resume_state, world)
+                     log_epoch if world.is_main else None, ckpt, resume_state, world,
+                     final_checkpoint=lambda: cfg.keep_checkpoint or uploads.is_due())
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: keep the last finished epoch for `resume`
         uploads.on_interrupt()
         _remove_local_checkpoint(ckpt)

@@ -115,14 +115,16 @@ def fit(
     checkpoint_path: str | None = None,
     resume_state: dict | None = None,
     world: World = SINGLE,
+    final_checkpoint: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Train `net` in place and leave it holding the best epoch's weights.
 
     on_epoch(epoch, metrics) is called after each epoch (epochs count from 1); it may raise to
     stop training (Optuna pruning does). With checkpoint_path, a resumable checkpoint is written
     atomically at most every cfg.checkpoint_every seconds (0: after every epoch), always after the
-    last epoch, and when interrupted (Ctrl-C, SIGTERM) or stopped by on_epoch the last finished epoch's;
-    resume_state (a loaded checkpoint) continues from it.
+    last epoch (unless final_checkpoint() says no one will read it), and when interrupted (Ctrl-C,
+    SIGTERM) or stopped by on_epoch the last finished epoch's; resume_state (a loaded checkpoint)
+    continues from it.
 
     With world.size > 1 (torchrun, process group joined) every rank calls fit() on the same data:
     cfg.batch_size stays the global batch, each rank trains on its shard of every global batch
@@ -132,7 +134,7 @@ def fit(
     setup, state = set_up(net, train, val, cfg, world)
     if resume_state is not None:
         restore_state(state, resume_state)
-    checkpoints = CheckpointSchedule(checkpoint_path, cfg.checkpoint_every)
+    checkpoints = CheckpointSchedule(checkpoint_path, cfg.checkpoint_every, final_needed=final_checkpoint)
     try:
         stopped_early = run_epochs(setup, state, num_classes, on_epoch, checkpoints)
     except BaseException as exc:

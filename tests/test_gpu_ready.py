@@ -112,6 +112,24 @@ def test_checkpoints_are_written_by_time_and_always_after_the_last_epoch(monkeyp
     assert written == [3, 5]
 
 
+def test_the_last_epoch_is_written_only_when_read_or_when_training_is_stopped(monkeypatch):
+    """final_checkpoint() False (a trial whose checkpoint is deleted once fit() returns): no write after
+    the last epoch; but when on_epoch raises at that epoch the last finished epoch still goes on disk."""
+    written = []
+    monkeypatch.setattr(checkpoint, "save_atomic", lambda ckpt, path: written.append(ckpt["epoch"]))
+    _fit(tiny_cfg(epochs=3, checkpoint_every=3600), checkpoint_path="unused.pt", final_checkpoint=lambda: False)
+    assert written == []
+
+    def lose_server_at_the_end(epoch, metrics):
+        if epoch == 3:
+            raise ConnectionError("tracking server lost")
+
+    with pytest.raises(ConnectionError):
+        _fit(tiny_cfg(epochs=3, checkpoint_every=3600), on_epoch=lose_server_at_the_end,
+             checkpoint_path="unused.pt", final_checkpoint=lambda: False)
+    assert written == [3]
+
+
 def test_one_process_and_rank_0_draw_the_same_epoch_on_the_cpu():
     """Shuffle order drawn by a CPU generator seeded from (seed, epoch): what every rank and every
     resumed process draws, whatever device the images are on."""

@@ -98,8 +98,8 @@ class TrainConfig:
     )
     checkpoint_every: float = opt(
         30.0,
-        "seconds between writes of the resumable checkpoint (always after the last epoch and on interruption); 0 = "
-        "every epoch",
+        "seconds between writes of the resumable checkpoint (also after the last epoch when kept or uploaded "
+        "then, and on interruption); 0 = every epoch",
     )
     system_metrics: bool = opt(
         True,
