@@ -8,12 +8,12 @@ numbers a pruned and an unpruned model are compared on. Torch-only: the MLflow s
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.benchmark import Timer
 
 from pipeline.config import IMPORTANCES
 from pipeline.errors import PipelineError
@@ -78,6 +78,20 @@ def state_dict_bytes(net: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
+def _import_timer():
+    """torch.utils.benchmark's Timer, imported when first timed: importing it loads cpp_extension, which
+    warns "No CUDA runtime is found" on every CPU-only machine with a CUDA toolkit, a line that would
+    otherwise stand before the one-line error of every tune or prune command."""
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        quiet.setLevel(level)
+    return Timer
+
+
 def inference_rate(classifier: ImageClassifier, batch_size: int, min_seconds: float, threads: int = 1) -> float:
     """Images per second the served model (uint8 in, logits out, fp32) predicts on this machine's CPU
     with `threads` torch threads (0 = torch's default): the median of torch.utils.benchmark's blocked runs."""
@@ -86,9 +100,10 @@ def inference_rate(classifier: ImageClassifier, batch_size: int, min_seconds: fl
     classifier.cpu().eval()
     with torch.inference_mode():
         classifier(images)  # the first call pays one-off costs (kernel choice, allocations): not timed
-    timer = Timer("with torch.inference_mode(): model(images)", globals={"model": classifier, "images": images,
-                                                                          "torch": torch},
-                  num_threads=threads or torch.get_num_threads())
+    timer_class = _import_timer()
+    timer = timer_class("with torch.inference_mode(): model(images)",
+                        globals={"model": classifier, "images": images, "torch": torch},
+                        num_threads=threads or torch.get_num_threads())
     return batch_size / timer.blocked_autorange(min_run_time=min_seconds).median
 
 
