@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable
 
 import mlflow
+import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
@@ -60,9 +61,10 @@ def front_table(front: list[FrozenTrial], cfg: TuneConfig, picked: FrozenTrial |
     return table.sort_values(cfg.metric, ascending=cfg.direction == "minimize", kind="stable") if rows else table
 
 
-def log_front(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) -> list[FrozenTrial]:
+def log_front(study: optuna.Study, cfg: TuneConfig,
+              log: Callable[[str], None]) -> tuple[list[FrozenTrial], FrozenTrial | None]:
     """On the active (parent) run: the front's table, its plot, its size and the pick's objectives as
-    metrics (pareto_front_size, pick_<metric>, pick_<cost>); returns the front."""
+    metrics (pareto_front_size, pick_<metric>, pick_<cost>); returns the front and the pick."""
     front = front_trials(study, cfg)
     picked = picked_trial(study, cfg)
     mlflow.log_text(front_table(front, cfg, picked).to_csv(index=False), FRONT_TABLE)
@@ -73,37 +75,45 @@ def log_front(study: optuna.Study, cfg: TuneConfig, log: Callable[[str], None]) 
         mlflow.set_tags({"pipeline.pick_trial_number": str(picked.number),
                          "pipeline.pick_run_id": picked.user_attrs.get(ATTR_RUN_ID, "")})
     if front:
-        log_front_plot(study, cfg, front, picked, log)
-    return front
+        log_study_figure("pareto_front", lambda: draw_front(study, cfg, front, picked), log)
+    return front, picked
 
 
-def log_front_plot(study: optuna.Study, cfg: TuneConfig, front: list[FrozenTrial], picked: FrozenTrial | None,
-                   log: Callable[[str], None]) -> None:
-    """Optuna's Pareto-front plot (every complete trial, the front highlighted), the front's trial
-    numbers written beside their points and the pick starred; never fatal."""
+def log_study_figure(name: str, draw: Callable[[], object], log: Callable[[str], None]) -> None:
+    """draw() -> matplotlib axes (one of Optuna's matplotlib plots), logged as study/<name>.png at 8x5
+    inches; a plot that cannot be drawn is skipped with one line, never fatal."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ExperimentalWarning on every call
-            ax = ovm.plot_pareto_front(study, target_names=cfg.objective_metrics)
-        for t in front:
-            ax.annotate(f"#{t.number}", t.values, textcoords="offset points", xytext=(5, 5), fontsize=8)
-        if picked is not None:
-            ax.scatter(*picked.values, marker="*", s=250, facecolors="none", edgecolors="black",
-                       label=f"register_pick: trial {picked.number}", zorder=5)
-            ax.legend()
-        ax.figure.set_size_inches(8, 5)
-        ax.figure.tight_layout()
-        mlflow.log_figure(ax.figure, FRONT_PLOT)
+            ax = draw()
+        fig = np.ravel(ax)[0].figure
+        fig.set_size_inches(8, 5)
+        fig.tight_layout()
+        mlflow.log_figure(fig, f"study/{name}.png")
     except Exception as exc:  # a plot is a nicety: a study never fails for it
-        log(f"tune: skipped the pareto_front plot ({type(exc).__name__}: {exc})")
+        log(f"tune: skipped the {name} plot ({type(exc).__name__}: {exc})")
     finally:
         plt.close("all")
+
+
+def draw_front(study: optuna.Study, cfg: TuneConfig, front: list[FrozenTrial], picked: FrozenTrial | None):
+    """Optuna's Pareto-front plot (every complete trial, the front highlighted), the front's trial
+    numbers written beside their points and the pick starred."""
+    from optuna.visualization import matplotlib as ovm
+
+    ax = ovm.plot_pareto_front(study, target_names=cfg.objective_metrics)
+    for t in front:
+        ax.annotate(f"#{t.number}", t.values, textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if picked is not None:
+        ax.scatter(*picked.values, marker="*", s=250, facecolors="none", edgecolors="black",
+                   label=f"register_pick: trial {picked.number}", zorder=5)
+        ax.legend()
+    return ax
 
 
 def describe_front(front: list[FrozenTrial], cfg: TuneConfig, picked: FrozenTrial | None) -> str:

@@ -6,7 +6,6 @@ registration of the best trial's model (by one worker only).
 from __future__ import annotations
 
 import datetime
-import warnings
 from collections.abc import Callable
 
 import mlflow
@@ -20,7 +19,7 @@ from pipeline.compare import load_scored_images
 from pipeline.config import TuneConfig
 from pipeline.pareto import PICK_BEST
 from pipeline.stats import compare_to_best
-from pipeline.study_front import describe_front, log_front, picked_trial
+from pipeline.study_front import describe_front, log_front, log_study_figure, picked_trial
 from pipeline.study_tracking import ATTR_RUN_ID, ATTR_WORKER, TAG_STUDY, TAG_TRIAL, worker_id
 
 
@@ -37,8 +36,8 @@ def log_summary(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int], lo
     log_plots(study, log, cfg)
     note = describe_study(cfg, counts, best, best_vs_runner_up(study, cfg))
     if cfg.multi_objective:
-        front = log_front(study, cfg, log)
-        note += describe_front(front, cfg, picked_trial(study, cfg))
+        front, picked = log_front(study, cfg, log)
+        note += describe_front(front, cfg, picked)
     tracking.set_note(note)
 
 
@@ -121,10 +120,6 @@ PLOTS = {
 def log_plots(study: optuna.Study, log: Callable[[str], None], cfg: TuneConfig | None = None) -> None:
     """Optuna's matplotlib plots as PNG artifacts; a plot that cannot be drawn is skipped, never fatal.
     With two objectives they show the metric (Optuna needs a target), and trials report no epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -133,18 +128,7 @@ def log_plots(study: optuna.Study, log: Callable[[str], None], cfg: TuneConfig |
     for name, fn in PLOTS.items():
         if (name == "param_importances" and n_complete < 2) or (multi and name == "intermediate_values"):
             continue  # needs two complete trials; two-objective trials report no intermediate values
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # ExperimentalWarning on every call
-                ax = getattr(ovm, fn)(study, **target)
-            fig = np.ravel(ax)[0].figure
-            fig.set_size_inches(8, 5)
-            fig.tight_layout()
-            mlflow.log_figure(fig, f"study/{name}.png")
-        except Exception as exc:  # a plot is a nicety: a study never fails for it
-            log(f"tune: skipped the {name} plot ({type(exc).__name__}: {exc})")
-        finally:
-            plt.close("all")
+        log_study_figure(name, lambda: getattr(ovm, fn)(study, **target), log)
 
 
 def is_registrar(study: optuna.Study, ran: int, started: datetime.datetime) -> bool:
