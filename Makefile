@@ -51,10 +51,10 @@ ui: install
 # The site under site/: docs/ pages plus an API reference generated from pipeline/'s docstrings.
 # --strict: a broken link, a missing page or a docstring mkdocstrings cannot read fails the build.
 docs: $(VENV)/.installed-docs
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
 
 docs-serve: $(VENV)/.installed-docs
-	$(VENV)/bin/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs serve
 
 clean:
 	rm -rf mlruns mlartifacts mlflow.db .pytest_cache site

@@ -26,19 +26,33 @@ def doc_files() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def logical_lines(path: Path) -> list[tuple[int, str]]:
-    """(first line number, text) per line, with backslash-continued lines joined into one."""
-    out, start, current = [], 0, ""
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not current:
-            start = number
-        if line.rstrip().endswith("\\"):
-            current += line.rstrip()[:-1] + " "
-            continue
-        out.append((start, current + line))
-        current = ""
-    if current:
-        out.append((start, current))
+class Line(str):
+    """A logical line (backslash continuations joined) that knows each character's line number."""
+
+    starts: list[tuple[int, int]]  # (offset in the text, line number in the file), one per physical line
+
+    def number_at(self, offset: int) -> int:
+        return [number for start, number in self.starts if start <= offset][-1]
+
+
+def logical_lines(path: Path) -> list[Line]:
+    """The file's lines, with backslash-continued lines joined into one."""
+    out, parts, starts, length = [], [], [], 0
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        starts.append((length, number))
+        continued = raw.rstrip().endswith("\\")
+        piece = raw.rstrip()[:-1] + " " if continued else raw
+        parts.append(piece)
+        length += len(piece)
+        if not continued:
+            line = Line("".join(parts))
+            line.starts = starts
+            out.append(line)
+            parts, starts, length = [], [], 0
+    if parts:
+        line = Line("".join(parts))
+        line.starts = starts
+        out.append(line)
     return out
 
 
@@ -71,18 +85,21 @@ PARAM = re.compile(r"-P (\w+)=")
 def step_option_problems() -> tuple[list[str], int]:
     problems, checked = [], 0
     for path in doc_files():
-        for number, line in logical_lines(path):
+        for line in logical_lines(path):
             for match in STEP_COMMAND.finditer(line):
                 step = match.group(1)
-                rest = COMMAND_END.split(PLACEHOLDER.sub("X", line[match.end():]), maxsplit=1)[0]
-                where = f"{path.relative_to(ROOT)}:{number}"
+                rest_at = match.end()
+                rest = COMMAND_END.split(PLACEHOLDER.sub(lambda m: "X" * len(m.group()), line[rest_at:]), maxsplit=1)[0]
+                where = f"{path.relative_to(ROOT)}:{line.number_at(match.start())}"
                 options = step_options(step)
                 if options is None:
                     problems.append(f"{where}: steps.{step} does not exist (python -m steps.{step})")
                     continue
-                for flag in FLAG.findall(rest):
+                for found in FLAG.finditer(rest):
+                    flag = found.group(1)
                     checked += 1
                     if flag not in options:
+                        where = f"{path.relative_to(ROOT)}:{line.number_at(rest_at + found.start())}"
                         problems.append(f"{where}: {flag} is not an option of steps.{step} "
                                         f"(python -m steps.{step} --help lists them)")
     return problems, checked
@@ -106,11 +123,11 @@ def parameter_problems() -> tuple[list[str], int]:
     problems, checked = [], 0
     every = set().union(*entry_points().values())
     for path in doc_files():
-        for number, line in logical_lines(path):
+        for line in logical_lines(path):
             for match in PARAM.finditer(line):
                 name = match.group(1)
                 entry, known = _entry_point_of(line, match.start())
-                where = f"{path.relative_to(ROOT)}:{number}"
+                where = f"{path.relative_to(ROOT)}:{line.number_at(match.start())}"
                 checked += 1
                 if known and entry not in entry_points():
                     problems.append(f"{where}: MLproject has no entry point {entry!r} (-P {name}=)")
@@ -143,7 +160,8 @@ def test_readme_names_make_test():
         ("    python -m steps.tune --data X --n-trails 3", "--n-trails is not an option of steps.tune"),
         ("`python -m steps.pretrian --data X`", "steps.pretrian does not exist"),
         ("    mlflow run . -e finetune --env-manager local -P frozen_layer=3", "-P frozen_layer= is not a parameter"),
-        ("    mlflow run . -e tune \\\n        -P n_trails=3", "-P n_trails= is not a parameter of entry point 'tune'"),
+        ("    mlflow run . -e tune -P n_trials=3 \\\n        -P n_trails=3",
+         "-P n_trails= is not a parameter of entry point 'tune'"),
         ("`evaluate -P precison=bf16`", "-P precison= is not a parameter of entry point 'evaluate'"),
         ("    mlflow run . --env-manager local -P epochs=3", "-P epochs= is not a parameter of entry point 'main'"),
         ("`-P resum=<run id>`", "-P resum= is a parameter of no entry point"),
@@ -155,7 +173,8 @@ def test_misspellings_are_caught_with_file_and_line(tmp_path, monkeypatch, text,
     monkeypatch.setattr(f"{__name__}.doc_files", lambda: [page])
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
     problems = step_option_problems()[0] + parameter_problems()[0]
-    assert len(problems) == 1 and problems[0].startswith("page.md:3: ") and expected in problems[0], problems
+    line = 3 + text.count("\n")  # the physical line of the misspelling, not of the command's start
+    assert len(problems) == 1 and problems[0].startswith(f"page.md:{line}: ") and expected in problems[0], problems
 
 
 def test_correct_commands_pass(tmp_path, monkeypatch):
@@ -168,3 +187,30 @@ def test_correct_commands_pass(tmp_path, monkeypatch):
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
     assert step_option_problems() == ([], 6)
     assert parameter_problems() == ([], 3)
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub and MkDocs' toc both give a heading (for the headings used here)."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_readme_links_into_docs_exist():
+    """README.md is outside the MkDocs site, so its strict build does not check the README's links."""
+    readme = (ROOT / "README.md").read_text()
+    problems, checked = [], 0
+    for number, line in enumerate(readme.splitlines(), 1):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = ROOT / path
+            checked += 1
+            if not file.exists():
+                problems.append(f"README.md:{number}: {target}: no such file")
+            elif anchor:
+                headings = re.findall(r"^#{1,6} (.*)$", file.read_text(), re.MULTILINE)
+                if anchor not in {_slug(h) for h in headings}:
+                    problems.append(f"README.md:{number}: {target}: no heading with anchor #{anchor}")
+    assert not problems, "broken links in README.md:\n" + "\n".join(problems)
+    assert checked >= 10
