@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core box spinning slowed training 4x.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast lint bench ui clean
+.PHONY: install demo test test-fast lint bench ui docs docs-serve clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -14,6 +14,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# The documentation tools, pinned apart from the runtime pins (requirements.txt).
+$(VENV)/.installed-docs: $(VENV)/.installed requirements-docs.txt
+	$(VENV)/bin/pip install --quiet -r requirements-docs.txt
+	touch $@
 
 # The whole pipeline, offline, on scikit-learn's digits (shipped in its wheel), upscaled to 16x16 RGB.
 # No flip/crop augmentation: digits are not mirror-symmetric.
@@ -43,5 +48,13 @@ bench: install
 ui: install
 	mlflow ui --backend-store-uri sqlite:///mlflow.db
 
+# The site under site/: docs/ pages plus an API reference generated from pipeline/'s docstrings.
+# --strict: a broken link, a missing page or a docstring mkdocstrings cannot read fails the build.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs serve
+
 clean:
-	rm -rf mlruns mlartifacts mlflow.db .pytest_cache
+	rm -rf mlruns mlartifacts mlflow.db .pytest_cache site
