@@ -1,9 +1,10 @@
 """tune: an Optuna study over finetune's hyperparameters, every trial a nested MLflow run.
 
 This module runs a worker: the search space, the objective, and the loop that starts trials. How the
-study searches (sampler, pruner, checks on a continued study) is study_setup's business, how many
-trials are left trial_accounting's, where the study is stored study_storage's; its MLflow side (the
-parent run all workers share, trial runs, summary, registration) is study_tracking's. That link is written here
+study searches (sampler, pruner, checks on a continued study) is pipeline.study.setup's business,
+how many trials are left pipeline.study.trial_accounting's, where the study is stored
+pipeline.study.storage's; its MLflow side (the parent run all workers share, trial runs, summary,
+registration) is pipeline.study.tracking's. That link is written here
 rather than taken from optuna-integration's MLflowCallback, so that a trial's run *is* the
 finetune run with its model, pruning ends it visibly, and parallel workers and reruns share one
 parent run.

@@ -1,7 +1,7 @@
 """Creating or loading a tune study: its sampler (seeded per trial), its pruner, and the checks that
 a rerun or another worker continues the same study (metric, direction, choices, heartbeat).
 
-Where the study is stored is study_storage's business; this module decides how it searches.
+Where the study is stored is pipeline.study.storage's business; this module decides how it searches.
 """
 
 from __future__ import annotations

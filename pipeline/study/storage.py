@@ -2,7 +2,7 @@
 
 On SQL storages workers send a heartbeat every `heartbeat` seconds; a trial silent for GRACE_BEATS
 of them (its worker was killed) is marked FAIL by the next worker that looks and handed to the
-`on_stale` callback (study_tracking.on_stale_trial: its MLflow run ends FAILED and a copy is
+`on_stale` callback (pipeline.study.tracking.on_stale_trial: its MLflow run ends FAILED and a copy is
 re-queued, up to MAX_RETRIES times, that continues from its last checkpoint). Journal files have
 no heartbeat.
 """

@@ -25,7 +25,7 @@ from pipeline.track.evaluation_logging import load_scored_images
 
 def log_summary(study: optuna.Study, cfg: TuneConfig, counts: dict[str, int], log: Callable[[str], None]) -> None:
     """On the active (parent) run: trial counts (by state), best value and params, the trials table and plots;
-    with two objectives also the Pareto front (study_front), "best" being the front's best metric."""
+    with two objectives also the Pareto front (pipeline.study.front), "best" being the front's best metric."""
     finished = counts["complete"] + counts["pruned"]
     tracking.log_metrics({f"trials_{k}": counts[k] for k in ("complete", "pruned", "fail")}, step=finished)
     best = picked_trial(study, cfg, PICK_BEST)
