@@ -36,8 +36,10 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff, then the import contracts in pyproject.toml (package layers; no MLflow/Optuna in the core).
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -3,7 +3,7 @@
     python -m benchmarks.explore [--arch resnet18 --stem imagenet --steps 8 --rounds 2]
 
 Not part of `make bench`. Each variant is the pipeline's training step (iter_train_batches, the
-same autocast and loss as pipeline.train.fit) with one knob changed; variants are interleaved
+same autocast and loss as pipeline.train.loop.fit) with one knob changed; variants are interleaved
 round by round so that background load spreads over all of them, and medians are printed as
 JSON lines. The knobs fit() does not expose (NCHW memory format, thread count) are why this
 loop is a small copy of fit()'s step rather than a call to fit().

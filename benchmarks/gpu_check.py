@@ -30,8 +30,8 @@ from benchmarks.throughput import Case, compare
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.sources import read_image_tree
-from pipeline.models import create_model
-from pipeline.train import fit, seed_everything
+from pipeline.model.models import create_model
+from pipeline.train.loop import fit, seed_everything
 
 TARGETS = (0.90, 0.93)
 GPU_CASES = (Case("resnet9", "small", warmup=20, steps=100), Case("resnet18", "small", warmup=10, steps=50),

@@ -5,7 +5,7 @@ sqlite store before calling them, so ./mlflow.db is never touched.
 
 tracking_overhead: one short training (scikit-learn's digits at their native 8x8, 800 of them for
   training, the default ResNet-18, two epochs) as plain fit(), and as the product's tracked step
-  pipeline.runners.run_train. fit() and its helpers are wrapped, not changed, to time directly
+  pipeline.run.runners.run_train. fit() and its helpers are wrapped, not changed, to time directly
   what the epoch loop spends on tracking and resumability: the per-epoch callback (metrics, and
   the checkpoint uploaded as an artifact) and fit() writing that checkpoint. (Comparing the two
   trainings' wall times is reported too, but is noise-bound on a busy machine.) The rest of
@@ -15,7 +15,7 @@ tracking_overhead: one short training (scikit-learn's digits at their native 8x8
 
 tuning_overhead: seconds per trial that tracking and the product's tuning bookkeeping add, with training
   taken out (fit() replaced by a stand-in that only reports epochs and writes the checkpoint where
-  fit() would). Two sides in the same run: the product's own study loop (pipeline.tuning.run_study,
+  fit() would). Two sides in the same run: the product's own study loop (pipeline.run.tuning.run_study,
   each trial a nested finetune run with its model logged), and the same trials with tracking off
   (the same sampler, search space and sqlite storage; the network built from the same pretrained
   model, the stand-in, the temperature fitted; no MLflow). The headline per_trial_s is their
@@ -37,12 +37,12 @@ import time
 import mlflow
 import optuna
 
-from pipeline.checkpoint import save_atomic
 from pipeline.config import PrepareConfig, TrainConfig, TuneConfig
 from pipeline.data.prepare import prepare_dataset
-from pipeline.device import resolve_device
-from pipeline.models import create_model
-from pipeline.train import VAL_KEYS, FitResult, fit, seed_everything
+from pipeline.model.device import resolve_device
+from pipeline.model.models import create_model
+from pipeline.train.checkpoint import save_atomic
+from pipeline.train.loop import VAL_KEYS, FitResult, fit, seed_everything
 
 TRAIN_CFG = dict(
     arch="resnet18", epochs=2, batch_size=64, lr=0.05, augment="none", precision="auto", device="cpu", seed=0
@@ -70,9 +70,9 @@ class Probe:
 @contextlib.contextmanager
 def probed_run_train(probe: Probe):
     """Time what run_train adds around training, by wrapping (not changing) fit() and save_atomic."""
-    import pipeline.checkpoint as checkpoint
-    import pipeline.run_checkpoints as run_checkpoints
-    import pipeline.runners as runners
+    import pipeline.run.runners as runners
+    import pipeline.track.run_checkpoints as run_checkpoints
+    import pipeline.train.checkpoint as checkpoint
 
     real_fit, real_save = runners.fit, checkpoint.save_atomic
     real_upload = run_checkpoints.log_checkpoint
@@ -123,7 +123,7 @@ def _plain_fit(ds, cfg: TrainConfig) -> float:
 
 def log_metrics_cost(async_: bool, calls: int = 20) -> float:
     """Seconds one epoch's tracking.log_metrics call takes in the training loop (median of `calls`)."""
-    from pipeline import tracking
+    from pipeline.track import tracking
 
     metrics = {
         "train_loss": 1.0,
@@ -144,7 +144,7 @@ def log_metrics_cost(async_: bool, calls: int = 20) -> float:
 
 def tracking_overhead(epochs: int = 2, device: str = "cpu") -> dict:
     """The product's tracked training step (run_train) against plain fit() on the same data."""
-    from pipeline.runners import run_prepare, run_train
+    from pipeline.run.runners import run_prepare, run_train
 
     use_experiment("bench-tracking")
     prep_cfg = PrepareConfig(source="digits", image_size=8, samples_per_class=80, seed=0)
@@ -234,7 +234,7 @@ class Clock:
 
 def _tune_config(tmp: str, n_trials: int, epochs: int) -> TuneConfig:
     """The study both sides run: a dataset and a pretrained model logged first (fit() stubbed out)."""
-    from pipeline import runners
+    from pipeline.run import runners
 
     use_experiment("bench-tuning")
     prep = runners.run_prepare(PrepareConfig(source="digits", image_size=8, seed=0))
@@ -246,7 +246,7 @@ def _tune_config(tmp: str, n_trials: int, epochs: int) -> TuneConfig:
 
 @contextlib.contextmanager
 def stubbed_fit():
-    import pipeline.runners as runners
+    import pipeline.run.runners as runners
 
     real_fit, runners.fit = runners.fit, _fake_fit
     try:
@@ -273,9 +273,9 @@ def timed_checkpoint_writes():
 
 
 def _product_tuning(cfg: TuneConfig) -> dict:
-    """pipeline.tuning.run_study with fit() stubbed out: the study loop as users run it. Per trial:
+    """pipeline.run.tuning.run_study with fit() stubbed out: the study loop as users run it. Per trial:
     the wall time of its trial loop (run_trials: Optuna's bookkeeping between trials included) / trials."""
-    from pipeline import tuning
+    from pipeline.run import tuning
 
     loop, real_run_trials = Clock(), tuning.run_trials
 
@@ -298,7 +298,7 @@ def _product_tuning(cfg: TuneConfig) -> dict:
         "median_trial_duration_s": round(statistics.median(durations), 3),  # Optuna's own, start to end
         "trials": len(durations),
         "study_fixed_s": round(study_clock.wall_s - loop.wall_s, 2),  # open study, parent run, summary, registry
-        "method": "pipeline.tuning.run_study, fit() replaced by a no-training stand-in; each trial is a "
+        "method": "pipeline.run.tuning.run_study, fit() replaced by a no-training stand-in; each trial is a "
         "nested finetune run: params, per-epoch metrics, calibration, the model logged, the run tagged",
     }
 
@@ -307,8 +307,8 @@ def _tracking_off_tuning(cfg: TuneConfig) -> dict:
     """The same trials with tracking off: the same sampler, search space and kind of storage (sqlite),
     each trial building its network from the same pretrained model (loaded once, as a worker does) and
     calling the same fit() stand-in, without a checkpoint path; no MLflow run, nothing logged."""
-    from pipeline import runners, tuning
-    from pipeline.references import reusing_loads
+    from pipeline.run import runners, tuning
+    from pipeline.track.references import reusing_loads
 
     study = optuna.create_study(study_name="off", storage=cfg.storage.replace("optuna.db", "optuna-off.db"),
                                 direction="maximize", sampler=optuna.samplers.RandomSampler(seed=cfg.seed),
@@ -340,8 +340,8 @@ def _fit_temperature(net, val) -> float:
     """What run_train's calibration computes, without logging it: the val logits and their temperature."""
     import torch
 
-    from pipeline.calibration import fit_temperature
-    from pipeline.device import predict_logits
+    from pipeline.evaluate.calibration import fit_temperature
+    from pipeline.model.device import predict_logits
 
     logits = predict_logits(net, torch.from_numpy(val.images), None).double().numpy()
     return fit_temperature(logits, val.labels)

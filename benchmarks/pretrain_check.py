@@ -24,7 +24,7 @@ import torch
 from benchmarks.overhead import Probe, probed_run_train, temporary_tracking_store, use_experiment
 from benchmarks.run import DEFAULT_ARCHIVE, system_record
 from pipeline.config import PrepareConfig, TrainConfig
-from pipeline.runners import run_prepare, run_train
+from pipeline.run.runners import run_prepare, run_train
 
 
 def main(argv=None) -> None:

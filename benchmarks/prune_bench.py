@@ -1,9 +1,9 @@
 """Issue 15's performance target: a pruned ResNet-18 against its unpruned parent, side by side.
 
-On the JPEG CIFAR-10 archive at 32 px: train the parent (small-stem ResNet-18, pipeline.train.fit),
-prune a copy with pipeline.pruning.prune_channels, recover it with fit at a lower lr (as the prune
+On the JPEG CIFAR-10 archive at 32 px: train the parent (small-stem ResNet-18, pipeline.train.loop.fit),
+prune a copy with pipeline.prune.pruning.prune_channels, recover it with fit at a lower lr (as the prune
 step does), then measure both in the same run: params, MACs, CPU inference img/s at batch 1 and 64
-(pipeline.pruning.measure_cost, parent and pruned alternated round by round so a change of load hits
+(pipeline.prune.pruning.measure_cost, parent and pruned alternated round by round so a change of load hits
 both) and test accuracy on the same held-out images. One JSON record, `{"bench": "prune", ...}`, with
 the ratios and `target_met` per criterion:
 
@@ -38,11 +38,11 @@ import torch  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.data.imageset import ImageSet  # noqa: E402
 from pipeline.data.tree import decode_tree, scan_image_tree  # noqa: E402
-from pipeline.evaluation import score_net  # noqa: E402
-from pipeline.models import create_model  # noqa: E402
-from pipeline.precision import resolve_cpu_amp_dtype  # noqa: E402
-from pipeline.pruning import TIMED_BATCHES, measure_cost, prune_channels  # noqa: E402
-from pipeline.train import fit, seed_everything  # noqa: E402
+from pipeline.evaluate.scoring import score_net  # noqa: E402
+from pipeline.model.models import create_model  # noqa: E402
+from pipeline.model.precision import resolve_cpu_amp_dtype  # noqa: E402
+from pipeline.prune.pruning import TIMED_BATCHES, measure_cost, prune_channels  # noqa: E402
+from pipeline.train.loop import fit, seed_everything  # noqa: E402
 
 DEFAULT_ARCHIVE = os.path.normpath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10-jpeg-train.tar.gz"))

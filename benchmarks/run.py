@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from benchmarks.prune_bench import add_arguments as add_prune_arguments  # noqa: E402
 from benchmarks.prune_bench import run_prune_bench, settings_from  # noqa: E402
 from benchmarks.throughput import CPU_CASES, Case, compare, summarize_precisions  # noqa: E402
-from pipeline.device import resolve_amp_dtype, resolve_device  # noqa: E402
-from pipeline.precision import CACHE_ENV, cpu_model_name  # noqa: E402
+from pipeline.model.device import resolve_amp_dtype, resolve_device  # noqa: E402
+from pipeline.model.precision import CACHE_ENV, cpu_model_name  # noqa: E402
 
 DEFAULT_ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10-jpeg-train.tar.gz")
 
@@ -71,7 +71,7 @@ def cpu_identity() -> dict:
 
 
 def system_record(device: str, precision: str) -> dict:
-    """The machine; with one precision, also the autocast dtype pipeline.train.resolve_amp_dtype gives it."""
+    """The machine; with one precision, also the autocast dtype pipeline.model.device.resolve_amp_dtype gives it."""
     dev = resolve_device(device)
     flags = cpu_flags()
     rec = {

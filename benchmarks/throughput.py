@@ -1,9 +1,9 @@
 """Training throughput: the pipeline's own fit() against the classic loop, same net and data.
 
-The pipeline side *is* the product: pipeline.train.fit() on an ImageSet, i.e. the uint8 tensor
+The pipeline side *is* the product: pipeline.train.loop.fit() on an ImageSet, i.e. the uint8 tensor
 loader with batch augmentation (pipeline.data.loader.iter_train_batches), channels_last, and the
 autocast dtype of the precision asked for (fp32, bf16, or auto: on CPU measured by
-pipeline.precision). Its figure is fit()'s own `images_per_sec` of one epoch of `steps` batches,
+pipeline.model.precision). Its figure is fit()'s own `images_per_sec` of one epoch of `steps` batches,
 measured after a warm-up fit() of `warmup` batches on the same net (oneDNN/cuDNN pick and cache
 their kernels on first use).
 
@@ -28,10 +28,10 @@ from torch import nn
 from benchmarks.classic import classic_throughput
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
-from pipeline.device import resolve_amp_dtype, resolve_device
-from pipeline.models import create_model
-from pipeline.precision import resolve_cpu_amp_dtype
-from pipeline.train import fit
+from pipeline.model.device import resolve_amp_dtype, resolve_device
+from pipeline.model.models import create_model
+from pipeline.model.precision import resolve_cpu_amp_dtype
+from pipeline.train.loop import fit
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32  # benchmarks.run's images
@@ -43,7 +43,7 @@ PIPELINE_LR = 1e-3  # AdamW, like the classic loop's Adam: the optimizer is not 
 class Case:
     arch: str  # resnet18 | resnet50 | ...
     stem: str  # imagenet: torchvision's 7x7/2 conv + max-pool, as tutorials use at 32x32;
-    #            small: the pipeline's 3x3/1 stem without max-pool (pipeline.models.create_model)
+    #            small: the pipeline's 3x3/1 stem without max-pool (pipeline.model.models.create_model)
     warmup: int  # steps before timing starts (per measurement)
     steps: int  # timed steps (per measurement)
 
@@ -89,7 +89,7 @@ def pipeline_throughput(
 def resolve_precision(precision: str, arch: str, device: torch.device, batch_size: int) -> tuple[str, dict]:
     """The precision fit() trains in, and for auto on CPU the measured verdict behind it.
 
-    auto on CPU is decided by pipeline.precision's measurement of the pipeline's network of `arch`
+    auto on CPU is decided by pipeline.model.precision's measurement of the pipeline's network of `arch`
     at 32x32 (the pipeline's small-stem net, also for imagenet-stem cases); the timed fit() then
     runs with that choice, so its rate is what precision=auto trains at once it decides by measuring.
     """

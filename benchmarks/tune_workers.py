@@ -29,7 +29,7 @@ def prepare_inputs(folder: Path, image_size: int) -> dict:
     import mlflow
 
     from pipeline.config import PrepareConfig, TrainConfig
-    from pipeline.runners import run_prepare, run_train
+    from pipeline.run.runners import run_prepare, run_train
 
     mlflow.set_tracking_uri(f"sqlite:///{folder}/inputs.db")
     data = run_prepare(PrepareConfig(source="digits", image_size=image_size))

@@ -14,11 +14,11 @@ import signal
 import sys
 
 import click
-import mlflow
 
 from pipeline.distributed import is_raised_on_every_rank, mark_raised_on_every_rank, read_world
 from pipeline.errors import PipelineError
-from pipeline.preflight import check_tracking_server, describe_machine_error
+from pipeline.track.preflight import check_tracking_server, describe_machine_error
+from pipeline.track.tracking import describe_interrupted_run, last_run_id
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -77,7 +77,7 @@ def handle_errors(fn=None, *, torchrun: bool = False, tracking: bool = True):
         # finished epoch's checkpoint is already in the run's artifacts for `resume`.
         signal.signal(signal.SIGTERM, _raise_interrupt)
         world = read_world()
-        runs_before = _last_run_id()
+        runs_before = last_run_id()
         try:
             if world.size > 1 and not torchrun:
                 raise mark_raised_on_every_rank(
@@ -107,20 +107,3 @@ def handle_errors(fn=None, *, torchrun: bool = False, tracking: bool = True):
 
     return wrapper
 
-
-def _last_run_id() -> str | None:
-    """The run this process had open most recently (MLflow keeps it per thread), or None."""
-    active = mlflow.active_run()
-    return active.info.run_id if active else mlflow.tracking.fluent._last_active_run_id.get()
-
-
-def describe_interrupted_run(run_before: str | None) -> str:
-    """The line for Ctrl-C: the run this command opened and how it ended, or that there was none."""
-    run_id = _last_run_id()
-    if run_id is None or run_id == run_before:
-        return "interrupted before any run was created"
-    try:
-        run = mlflow.get_run(run_id)
-    except Exception:  # the store may be what hung; the id is still worth printing
-        return f"interrupted: run {run_id}"
-    return f"interrupted: run {run_id} ({run.info.run_name}) was ended {run.info.status}"

@@ -14,8 +14,8 @@ import shutil
 
 import click
 
-from pipeline.compare import compare, format_table
 from pipeline.config import CompareConfig
+from pipeline.run.compare import compare, format_table
 from steps._cli import config_options, handle_errors
 
 

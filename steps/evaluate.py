@@ -9,7 +9,7 @@ curves (PNG) and the up to 25 most confidently misclassified images (PNG).
 import click
 
 from pipeline.config import EvaluateConfig
-from pipeline.evaluation_run import run_evaluate
+from pipeline.run.evaluation_run import run_evaluate
 from steps._cli import config_options, handle_errors
 
 

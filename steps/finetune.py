@@ -7,7 +7,7 @@ number of trainable parameters is logged as `trainable_params`.
 import click
 
 from pipeline.config import TrainConfig
-from pipeline.runners import run_train
+from pipeline.run.runners import run_train
 from steps._cli import config_options, handle_errors
 
 FINETUNE_DEFAULTS = {"arch": "auto", "lr": 0.01, "epochs": 5}

@@ -6,7 +6,7 @@ prints which steps it reused. With --register-as, registers the fine-tuned model
 
 import click
 
-from pipeline.chain import MainConfig, run_main
+from pipeline.run.chain import MainConfig, run_main
 from steps._cli import config_options, handle_errors
 
 

@@ -5,7 +5,7 @@ Then: curl -H 'Content-Type: application/json' --data @request.json http://127.0
 
 import click
 
-from pipeline.serving import read_images, request_json
+from pipeline.track.serving import read_images, request_json
 from steps._cli import handle_errors
 
 

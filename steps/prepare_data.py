@@ -7,7 +7,7 @@ counts per class and split, sha256 of each array), plus an MLflow dataset input.
 import click
 
 from pipeline.config import PrepareConfig
-from pipeline.runners import run_prepare
+from pipeline.run.runners import run_prepare
 from steps._cli import config_options, handle_errors
 
 

@@ -8,7 +8,7 @@ its state dict and metadata in the model's artifacts/ folder).
 import click
 
 from pipeline.config import TrainConfig
-from pipeline.runners import run_train
+from pipeline.run.runners import run_train
 from steps._cli import config_options, handle_errors
 
 

@@ -9,7 +9,7 @@ pruned_test_* (before recovery), macs_reduction, params_reduction, speedup_b1 an
 import click
 
 from pipeline.config import PruneConfig
-from pipeline.pruning_run import run_prune
+from pipeline.prune.pruning_run import run_prune
 from steps._cli import config_options, handle_errors
 
 

@@ -17,7 +17,7 @@ import click
 import optuna
 
 from pipeline.config import TuneConfig
-from pipeline.tuning import run_study
+from pipeline.run.tuning import run_study
 from steps._cli import config_options, handle_errors
 
 

@@ -89,8 +89,8 @@ class TrainedRuns:
 @pytest.fixture(scope="session")
 def trained() -> TrainedRuns:
     from pipeline.config import EvaluateConfig, PrepareConfig, TrainConfig
-    from pipeline.evaluation_run import run_evaluate
-    from pipeline.runners import run_prepare, run_train
+    from pipeline.run.evaluation_run import run_evaluate
+    from pipeline.run.runners import run_prepare, run_train
 
     exp_id = mlflow.create_experiment("trained-fixture")
     mlflow.set_experiment(experiment_id=exp_id)
@@ -116,7 +116,7 @@ def digits(tmp_path_factory) -> dict:
     """For tuning: local copies of a 10-class digits dataset (8x8 px) and of a model pretrained on 5
     classes, so every trial trains a fresh head. Local folders work in any MLflow store."""
     from pipeline.config import PrepareConfig, TrainConfig
-    from pipeline.runners import run_prepare, run_train
+    from pipeline.run.runners import run_prepare, run_train
 
     root = tmp_path_factory.mktemp("tune-inputs")
     prev = mlflow.get_tracking_uri()

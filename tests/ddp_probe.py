@@ -16,12 +16,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pipeline.train as train  # noqa: E402
+import pipeline.train.loop as train  # noqa: E402
 from pipeline import distributed  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.data.imageset import ImageSet  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.models import ResNet9  # noqa: E402
+from pipeline.model.models import ResNet9  # noqa: E402
 
 N_TRAIN, N_VAL, BATCH, CLASSES = 70, 23, 16, 3  # 70 = 4 full global batches + an uneven 6 (3 per rank)
 

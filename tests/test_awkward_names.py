@@ -16,12 +16,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from pipeline.compare import compare
 from pipeline.config import CompareConfig, EvaluateConfig, PrepareConfig, TrainConfig
 from pipeline.data.store import load_dataset
-from pipeline.evaluation_logging import load_class_keys
-from pipeline.evaluation_run import run_evaluate
-from pipeline.runners import run_prepare, run_train
+from pipeline.run.compare import compare
+from pipeline.run.evaluation_run import run_evaluate
+from pipeline.run.runners import run_prepare, run_train
+from pipeline.track.evaluation_logging import load_class_keys
 
 NAMES = [
     "bird (small)", "it's", 'say "hi"', "a+b & c", "#1 % off", "x,y;z", "7up", "long-name-" * 15,

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from pipeline.calibration import (
+from pipeline.errors import PipelineError
+from pipeline.evaluate.calibration import (
     TEMPERATURE_RANGE,
     calibrated_probabilities,
     expected_calibration_error,
@@ -11,7 +12,6 @@ from pipeline.calibration import (
     reliability_bins,
     reliability_figure,
 )
-from pipeline.errors import PipelineError
 
 
 def _ece_by_loop(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:

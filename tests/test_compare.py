@@ -7,9 +7,9 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.compare import compare
 from pipeline.config import CompareConfig, EvaluateConfig
-from pipeline.evaluation_run import run_evaluate
+from pipeline.run.compare import compare
+from pipeline.run.evaluation_run import run_evaluate
 from steps.compare import main
 
 CLASSES = [str(c) for c in range(10)]
@@ -154,7 +154,7 @@ def test_bad_input_is_one_line_and_exit_2(runs, args, message):
 
 
 def test_interval_metrics_sit_beside_their_metric_and_are_never_taken_for_classes():
-    from pipeline.compare import _metric_order, _per_class_f1, _shown
+    from pipeline.run.compare import _metric_order, _per_class_f1, _shown
 
     assert _shown("test_accuracy_ci_low") and _shown("test_f1_macro_ci_high")
     assert not _shown("test_f1_cat_ci_low")  # per-class intervals stay in MLflow
@@ -170,7 +170,7 @@ def test_interval_metrics_sit_beside_their_metric_and_are_never_taken_for_classe
 def test_compare_pairs_two_models_scored_on_the_same_test_images(runs):
     from scipy.stats import binomtest
 
-    from pipeline.predictions import read_predictions
+    from pipeline.evaluate.predictions import read_predictions
 
     trained = runs["trained"]
     table, _ = compare(CompareConfig(runs=f"{trained.evaluate} {runs['ev_pre']}"))

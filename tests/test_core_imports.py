@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_core_modules_import_neither_mlflow_nor_optuna():
-    code = ("import sys; import pipeline.train, pipeline.device, pipeline.models, pipeline.pruning; "
+    code = ("import sys; "
+            "import pipeline.train.loop, pipeline.model.device, pipeline.model.models, pipeline.prune.pruning; "
             "import pipeline.data.loader; "
             "print(sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

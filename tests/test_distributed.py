@@ -18,11 +18,12 @@ import torch.distributed as dist
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from pipeline import distributed, references
+from pipeline import distributed
 from pipeline.config import PrepareConfig, TrainConfig
 from pipeline.data.loader import iter_train_batches
 from pipeline.distributed import SINGLE, World
 from pipeline.errors import PipelineError
+from pipeline.track import references
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,7 +196,7 @@ def test_collectives_and_fit_on_two_processes_equal_one_process(tmp_path):
 @pytest.fixture(scope="module")
 def digits_run() -> str:
     """All of scikit-learn's digits at 8x8: 1455 training and 162 validation images."""
-    from pipeline.runners import run_prepare
+    from pipeline.run.runners import run_prepare
 
     mlflow.set_experiment(experiment_id=mlflow.create_experiment(f"ddp-digits-{os.urandom(4).hex()}"))
     return run_prepare(PrepareConfig(source="digits", image_size=8, seed=0))
@@ -230,7 +231,7 @@ def _cli_args(params: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_pretrain_under_torchrun_is_one_run_like_one_process(digits_run):
-    from pipeline.runners import run_train
+    from pipeline.run.runners import run_train
 
     exp = mlflow.create_experiment(f"ddp-two-{os.urandom(4).hex()}")
     r = subprocess.run(

@@ -10,8 +10,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.chain import ChainConfig, run_chain
 from pipeline.config import PrepareConfig, TrainConfig
+from pipeline.run.chain import ChainConfig, run_chain
 from tests.conftest import SHARED_ARCHIVE, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,8 +138,8 @@ def test_main_reuses_finished_runs_and_recomputes_downstream_of_a_change(experim
 @pytest.mark.skipif(not SHARED_ARCHIVE.exists(), reason=f"the shared CIFAR-10 JPEG archive is not at {SHARED_ARCHIVE}")
 def test_real_jpeg_archive_prepare_pretrain_evaluate(experiment):
     from pipeline.config import EvaluateConfig
-    from pipeline.evaluation_run import run_evaluate
-    from pipeline.runners import run_prepare, run_train
+    from pipeline.run.evaluation_run import run_evaluate
+    from pipeline.run.runners import run_prepare, run_train
 
     prep = run_prepare(
         PrepareConfig(

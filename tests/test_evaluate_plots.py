@@ -10,10 +10,10 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import label_binarize
 
-from pipeline import references
 from pipeline.data.store import load_dataset
-from pipeline.models import ImageClassifier, create_model
-from pipeline.plots import misclassified_grid, pyplot
+from pipeline.evaluate.plots import misclassified_grid, pyplot
+from pipeline.model.models import ImageClassifier, create_model
+from pipeline.track import references
 
 
 def _png(fig_or_path) -> Image.Image:

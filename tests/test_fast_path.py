@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.train as train
+import pipeline.train.loop as train
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import crop_flip, iter_eval_batches, iter_train_batches, normalize
-from pipeline.device import predict_logits
-from pipeline.models import ResNet9, create_model
-from pipeline.optim import create_optimizer
-from pipeline.train import fit, validate
+from pipeline.model.device import predict_logits
+from pipeline.model.models import ResNet9, create_model
+from pipeline.train.loop import fit, validate
+from pipeline.train.optim import create_optimizer
 
 NUM_CLASSES = 3
 SIZE = 8  # pixels: ResNet-9's three 2x poolings take it to 1x1

@@ -25,9 +25,9 @@ import torch
 from click.testing import CliRunner
 from mlflow.exceptions import MlflowException
 
-from pipeline import preflight, run_checkpoints, tracking
 from pipeline.errors import PipelineError
-from pipeline.models import create_model
+from pipeline.model.models import create_model
+from pipeline.track import preflight, run_checkpoints, tracking
 from steps._cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, handle_errors
 from tests.conftest import PROJECT_ROOT, subprocess_env
 
@@ -353,14 +353,14 @@ def test_lost_server_mid_run_is_one_line_not_a_traceback():
 
 def _tiny_dataset(store_dir) -> str:
     from pipeline.config import PrepareConfig
-    from pipeline.runners import run_prepare
+    from pipeline.run.runners import run_prepare
 
     return run_prepare(PrepareConfig(source="digits", image_size=8, classes="0,1,2", samples_per_class=20))
 
 
 def test_pretrain_refuses_to_start_when_the_model_cannot_be_stored(store, monkeypatch):
     from pipeline.config import TrainConfig
-    from pipeline.runners import run_train
+    from pipeline.run.runners import run_train
 
     data = _tiny_dataset(store)
     monkeypatch.setattr(
@@ -380,9 +380,9 @@ def test_lost_server_mid_run_keeps_the_checkpoint_and_the_printed_commands_resum
     are spent): one line naming the kept checkpoint, the run not ended; the commands printed resume it."""
     import requests
 
-    from pipeline import runners
     from pipeline.config import TrainConfig
-    from pipeline.runners import run_train
+    from pipeline.run import runners
+    from pipeline.run.runners import run_train
 
     data = _tiny_dataset(store)
     monkeypatch.chdir(store)

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.checkpoint as checkpoint
-import pipeline.train as train
-from pipeline import device as device_mod
+import pipeline.train.checkpoint as checkpoint
+import pipeline.train.loop as train
 from pipeline.config import EvaluateConfig, TrainConfig, TuneConfig
 from pipeline.data import loader
 from pipeline.distributed import derive_seed
-from pipeline.ema import WeightEMA
 from pipeline.errors import PipelineError
-from pipeline.evaluation import score_net
+from pipeline.evaluate.scoring import score_net
+from pipeline.model import device as device_mod
+from pipeline.train.ema import WeightEMA
 from tests.test_fast_path import NUM_CLASSES, tiny_cfg, tiny_net, tiny_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,7 +246,7 @@ def test_cuda_k_devices_are_validated_in_config_and_against_the_visible_gpus(mon
 def test_score_net_scores_in_fp32_unless_asked(monkeypatch):
     seen = []
     real = device_mod.resolve_amp_dtype
-    import pipeline.evaluation as evaluation
+    import pipeline.evaluate.scoring as evaluation
     monkeypatch.setattr(evaluation, "resolve_amp_dtype", lambda p, d: seen.append(p) or real(p, d))
     data = tiny_set(12)
     score_net(tiny_net(), data.images, data.labels, ["a", "b", "c"], "test", torch.device("cpu"))
@@ -255,8 +255,8 @@ def test_score_net_scores_in_fp32_unless_asked(monkeypatch):
 
 def test_the_core_imports_without_mlflow_and_optuna():
     code = ("import sys; sys.modules['mlflow'] = None; sys.modules['optuna'] = None; "
-            "import pipeline.train, pipeline.data.sources, pipeline.models, pipeline.device, pipeline.ema, "
-            "benchmarks.gpu_check")
+            "import pipeline.train.loop, pipeline.data.sources, pipeline.model.models, pipeline.model.device, "
+            "pipeline.train.ema, benchmarks.gpu_check")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 

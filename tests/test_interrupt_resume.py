@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PrepareConfig
-from pipeline.runners import run_prepare
+from pipeline.run.runners import run_prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,8 +69,8 @@ def test_sigterm_then_resume_matches_uninterrupted(experiment):
 
 
 def test_resume_of_a_finished_run_is_refused(experiment):
-    from pipeline import run_checkpoints
     from pipeline.errors import PipelineError
+    from pipeline.track import run_checkpoints
 
     with mlflow.start_run(tags={"pipeline.step": "pretrain"}) as run:
         pass
@@ -80,7 +80,7 @@ def test_resume_of_a_finished_run_is_refused(experiment):
 
 def test_resume_under_mlflow_run_names_the_launchers_run_a_pointer(experiment, monkeypatch):
     """`mlflow run -P resume=ID` creates a run before the step reopens run ID: that run is labelled."""
-    from pipeline import tracking
+    from pipeline.track import tracking
 
     client = MlflowClient()
     interrupted = client.create_run(experiment, tags={"pipeline.step": "pretrain"}).info.run_id

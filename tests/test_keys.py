@@ -9,7 +9,7 @@ from mlflow.utils.validation import (
     _validate_tag_name,
 )
 
-from pipeline.keys import MAX_CLASS_KEY_CHARS, MLFLOW_MAX_KEY_CHARS, class_key, class_keys
+from pipeline.evaluate.keys import MAX_CLASS_KEY_CHARS, MLFLOW_MAX_KEY_CHARS, class_key, class_keys
 
 AWKWARD = [
     "cat",

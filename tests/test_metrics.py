@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.metrics import confusion, per_class_table, summary_metrics
+from pipeline.evaluate.metrics import confusion, per_class_table, summary_metrics
 
 
 def _by_hand(y, p, k):

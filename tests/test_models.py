@@ -7,8 +7,16 @@ import torchvision
 from pipeline.config import NUM_STAGES, TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.errors import PipelineError
-from pipeline.models import count_trainable, create_model, freeze, frozen_stages, replace_head, set_train_mode, stages
-from pipeline.train import fit
+from pipeline.model.models import (
+    count_trainable,
+    create_model,
+    freeze,
+    frozen_stages,
+    replace_head,
+    set_train_mode,
+    stages,
+)
+from pipeline.train.loop import fit
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet9"])

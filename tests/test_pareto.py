@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import references
 from pipeline.config import TuneConfig
 from pipeline.errors import PipelineError
-from pipeline.models import PRUNED_LAYERS, build_logged_net
+from pipeline.model.models import PRUNED_LAYERS, build_logged_net
 from pipeline.pareto import PickRule, pareto_front, parse_pick, pick
-from pipeline.study_tracking import ATTR_RUN_ID
-from pipeline.tuning import run_study
+from pipeline.run.tuning import run_study
+from pipeline.study.tracking import ATTR_RUN_ID
+from pipeline.track import references
 
 MAX_MIN = ["maximize", "minimize"]
 # (trial number, (accuracy, MACs)): 3 is dominated by 0, 4 by 1, 5 by 0 (same MACs, lower accuracy).
@@ -158,8 +158,8 @@ def test_two_objective_study_prunes_trials_logs_the_front_and_registers_the_pick
 
 
 def test_a_trial_net_is_pruned_and_costed():
-    from pipeline.models import create_model
-    from pipeline.pruning import count_macs_and_params, prune_for_trial
+    from pipeline.model.models import create_model
+    from pipeline.prune.pruning import count_macs_and_params, prune_for_trial
 
     full = count_macs_and_params(create_model("resnet18", 10), 8)
     net = create_model("resnet18", 10)

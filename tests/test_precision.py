@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 
-from pipeline import precision
 from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.sources import load_digits
-from pipeline.models import create_model
-from pipeline.precision import (
+from pipeline.model import precision
+from pipeline.model.models import create_model
+from pipeline.model.precision import (
     BF16_MIN_SPEEDUP,
     cache_path,
     cpu_model_name,
@@ -19,7 +19,7 @@ from pipeline.precision import (
     resolve_cpu_amp_dtype,
     time_fp32_and_bf16,
 )
-from pipeline.train import fit, seed_everything
+from pipeline.train.loop import fit, seed_everything
 
 
 @pytest.fixture(autouse=True)
@@ -171,8 +171,8 @@ def test_bf16_training_matches_fp32_accuracy():
 def test_a_run_with_precision_auto_trains_in_the_measured_choice_and_records_it(store, monkeypatch):
     import mlflow
 
-    from pipeline import runners
     from pipeline.config import PrepareConfig
+    from pipeline.run import runners
 
     monkeypatch.setattr(precision, "time_fp32_and_bf16", lambda *args: (40.0, 100.0))  # bf16 2.5x
     trained_in = []

@@ -104,7 +104,7 @@ def test_main_defaults_are_the_mlproject_defaults():
         "`mlflow run .` passes every parameter, so a default in one place and not the other "
         "would split the two ways in."
     )
-    from pipeline.chain import MainConfig
+    from pipeline.run.chain import MainConfig
 
     params = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]["parameters"]
     cfg = MainConfig()
@@ -116,7 +116,7 @@ def test_main_defaults_are_the_mlproject_defaults():
 
 
 def test_main_spreads_its_options_over_the_steps():
-    from pipeline.chain import MainConfig
+    from pipeline.run.chain import MainConfig
 
     chain = MainConfig(pretrain_epochs=2, finetune_epochs=1, frozen_layers=4, seed=7, register_as="m").to_chain()
     assert (chain.pretrain.epochs, chain.pretrain.lr, chain.pretrain.frozen_layers) == (2, 0.05, 0)

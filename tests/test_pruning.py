@@ -8,10 +8,10 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.config import EvaluateConfig, PrepareConfig, PruneConfig, TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.models import PRUNED_LAYERS, build_logged_net, create_model, pruned_layers
-from pipeline.pruning import count_macs_and_params, prune_channels
-from pipeline.references import load_dataset_ref, load_model_ref
-from pipeline.tracking import TAG_STEP
+from pipeline.model.models import PRUNED_LAYERS, build_logged_net, create_model, pruned_layers
+from pipeline.prune.pruning import count_macs_and_params, prune_channels
+from pipeline.track.references import load_dataset_ref, load_model_ref
+from pipeline.track.tracking import TAG_STEP
 
 
 def hooked_macs(net: torch.nn.Module, image_size: int) -> int:
@@ -89,8 +89,8 @@ def test_prune_config_refuses_bad_values_with_the_fix(field, value, fragment):
 @pytest.fixture(scope="module")
 def pruned_run():
     """digits at 8 px (20 per class), a ResNet-9 trained 1 epoch, pruned by half with 1 recovery epoch."""
-    from pipeline.pruning_run import run_prune
-    from pipeline.runners import run_prepare, run_train
+    from pipeline.prune.pruning_run import run_prune
+    from pipeline.run.runners import run_prepare, run_train
 
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("prune-fixture"))
     prep = run_prepare(PrepareConfig(source="digits", image_size=8, samples_per_class=20))
@@ -131,8 +131,8 @@ def test_pruned_model_predicts_through_the_pyfunc_with_the_logged_scores(pruned_
 
 
 def test_pruned_model_finetunes_and_evaluates_like_any_model(pruned_run):
-    from pipeline.evaluation_run import run_evaluate
-    from pipeline.runners import run_train
+    from pipeline.run.evaluation_run import run_evaluate
+    from pipeline.run.runners import run_train
 
     tiny = dict(batch_size=32, augment="none", precision="fp32", device="cpu", system_metrics=False)
     fin = run_train(TrainConfig(data=pruned_run["prepare"], pretrained=pruned_run["prune"], arch="auto", epochs=1,

@@ -5,11 +5,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score
 
-from pipeline import registry
 from pipeline.config import TrainConfig
 from pipeline.data.store import load_dataset
 from pipeline.errors import PipelineError
-from pipeline.runners import run_train
+from pipeline.run.runners import run_train
+from pipeline.track import registry
 
 CPU = dict(device="cpu", precision="fp32")
 
@@ -80,7 +80,7 @@ def test_main_registers_the_evaluated_model_with_its_test_metrics(trained):
 
 def test_register_as_without_a_test_split_fails_before_training(trained, experiment):
     from pipeline.config import PrepareConfig
-    from pipeline.runners import run_prepare
+    from pipeline.run.runners import run_prepare
 
     no_test = run_prepare(PrepareConfig(source="digits", image_size=8, test_fraction=0.0, samples_per_class=10))
     cfg = TrainConfig(data=no_test, pretrained=trained.pretrain, arch="auto", epochs=1, batch_size=32, augment="none",

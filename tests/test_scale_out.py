@@ -20,8 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline.study_tracking import ATTR_RUN_ID, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_WORKER
-from pipeline.trial_accounting import ATTR_SURPLUS
+from pipeline.study.tracking import ATTR_RUN_ID, TAG_STATE, TAG_STUDY, TAG_TRIAL, TAG_WORKER
+from pipeline.study.trial_accounting import ATTR_SURPLUS
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score
 
 from pipeline.data.store import load_dataset
-from pipeline.models import create_model
+from pipeline.model.models import create_model
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,7 +282,7 @@ def test_models_logged_before_the_pyfunc_still_load(trained, tmp_path):
     """Earlier versions logged an MLflow PyTorch model with the state dict under extra_files/."""
     import shutil
 
-    from pipeline import references
+    from pipeline.track import references
 
     old = tmp_path / "old-model"
     shutil.copytree(mlflow.artifacts.download_artifacts(f"runs:/{trained.finetune}/model"), old)
@@ -294,8 +294,8 @@ def test_models_logged_before_the_pyfunc_still_load(trained, tmp_path):
 
 def _in_process_pyfunc(image_size: int = 8):
     """The pyfunc's predict with a small network, without logging a model."""
-    from pipeline.models import ImageClassifier
-    from pipeline.serving import ImageClassifierModel
+    from pipeline.model.models import ImageClassifier
+    from pipeline.track.serving import ImageClassifierModel
 
     torch.manual_seed(0)
     model = ImageClassifierModel()
@@ -326,7 +326,7 @@ def test_pyfunc_resizing_first_predicts_what_normalizing_first_did(shape):
 
 
 def test_pyfunc_splits_large_images_into_batches_by_pixel_count(monkeypatch):
-    from pipeline import serving
+    from pipeline.track import serving
 
     assert serving.predict_batch_rows(4000, 3000) == 1 and serving.predict_batch_rows(32, 32) == serving.PREDICT_BATCH
     model = _in_process_pyfunc()
@@ -367,7 +367,7 @@ def test_a_model_without_a_temperature_serves_the_plain_softmax(trained, test_sp
 
     from scipy.special import softmax
 
-    from pipeline.serving import META_ARTIFACT, WEIGHTS_ARTIFACT, ImageClassifierModel
+    from pipeline.track.serving import META_ARTIFACT, WEIGHTS_ARTIFACT, ImageClassifierModel
 
     test, _ = test_split
     logits, meta = _hand_logits(trained.finetune, test.images)
@@ -383,10 +383,10 @@ def test_a_model_without_a_temperature_serves_the_plain_softmax(trained, test_sp
 
 def test_trial_models_from_one_saved_folder_load_and_predict_their_own_weights(experiment):
     """Tuning trials log their models without an input example, from a pyfunc folder saved once per
-    process (pipeline.pyfunc_template): each is still a pyfunc model of its own, with its own weights."""
-    from pipeline import tracking
-    from pipeline.models import ImageClassifier
-    from pipeline.references import load_model_ref
+    process (pipeline.track.pyfunc_template): each is still a pyfunc model of its own, with its own weights."""
+    from pipeline.model.models import ImageClassifier
+    from pipeline.track import tracking
+    from pipeline.track.references import load_model_ref
 
     names = ["cat", "dog", "emu"]
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from pipeline.errors import PipelineError
-from pipeline.stats import (
+from pipeline.evaluate.stats import (
     MARK_BEST,
     MARK_DIFFERENT,
     MARK_TIE,
@@ -83,7 +83,7 @@ def test_interval_metrics_are_named_by_split_metric_and_class_name():
 
 
 def test_interval_metrics_name_classes_by_their_metric_key_not_the_raw_name():
-    from pipeline.keys import class_keys
+    from pipeline.evaluate.keys import class_keys
 
     names = ["bird (small)", "macro"]
     y, pred = _predictions(100, 2, 0.9, seed=6)

@@ -4,7 +4,7 @@ import mlflow
 import pytest
 
 from pipeline.config import TrainConfig
-from pipeline.runners import run_train
+from pipeline.run.runners import run_train
 
 CPU = "system/cpu_utilization_percentage"
 

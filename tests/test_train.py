@@ -6,11 +6,11 @@ from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import crop_flip
 from pipeline.data.sources import load_digits
-from pipeline.device import resolve_amp_dtype, resolve_device
 from pipeline.distributed import SINGLE, World
 from pipeline.errors import PipelineError
-from pipeline.models import create_model
-from pipeline.train import NonFiniteLossError, fit, scaled_loss, seed_everything
+from pipeline.model.device import resolve_amp_dtype, resolve_device
+from pipeline.model.models import create_model
+from pipeline.train.loop import NonFiniteLossError, fit, scaled_loss, seed_everything
 from tests.conftest import EPOCH_METRICS
 
 CPU = dict(device="cpu", precision="fp32", batch_size=64, augment="none")

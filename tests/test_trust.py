@@ -18,16 +18,16 @@ import torch
 from scipy.special import softmax
 from scipy.stats import binomtest
 
-from pipeline.compare import _per_class_f1, compare
 from pipeline.config import CompareConfig, EvaluateConfig, PrepareConfig, TrainConfig, TuneConfig
-from pipeline.evaluation_run import run_evaluate
-from pipeline.keys import class_keys
-from pipeline.models import ImageClassifier, build_logged_net
-from pipeline.predictions import read_predictions
-from pipeline.references import load_dataset_ref, load_model_ref
-from pipeline.runners import run_prepare, run_train
-from pipeline.study_summary import best_vs_runner_up
-from pipeline.study_tracking import ATTR_RUN_ID
+from pipeline.evaluate.keys import class_keys
+from pipeline.evaluate.predictions import read_predictions
+from pipeline.model.models import ImageClassifier, build_logged_net
+from pipeline.run.compare import _per_class_f1, compare
+from pipeline.run.evaluation_run import run_evaluate
+from pipeline.run.runners import run_prepare, run_train
+from pipeline.study.summary import best_vs_runner_up
+from pipeline.study.tracking import ATTR_RUN_ID
+from pipeline.track.references import load_dataset_ref, load_model_ref
 
 
 @dataclass

@@ -19,13 +19,13 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from pipeline import references
 from pipeline.config import TuneConfig
 from pipeline.errors import PipelineError
-from pipeline.study_setup import trial_seed
-from pipeline.study_storage import storage_identity
-from pipeline.study_tracking import ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL
-from pipeline.tuning import run_study
+from pipeline.run.tuning import run_study
+from pipeline.study.setup import trial_seed
+from pipeline.study.storage import storage_identity
+from pipeline.study.tracking import ATTR_RUN_ID, ATTR_WORKER, TAG_STATE, TAG_STUDY, TAG_TRIAL
+from pipeline.track import references
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CPU = dict(augment="none", precision="fp32", device="cpu")
@@ -323,7 +323,7 @@ def test_an_interrupted_trial_is_logged_in_one_line_without_traceback():
     import io
     import logging
 
-    from pipeline.trial_accounting import SurplusTrial
+    from pipeline.study.trial_accounting import SurplusTrial
 
     out = io.StringIO()
     handler = logging.StreamHandler(out)

@@ -11,13 +11,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from pipeline import evaluation_run, references, run_checkpoints
 from pipeline.config import EvaluateConfig, TrainConfig
 from pipeline.data.store import load_dataset
 from pipeline.errors import PipelineError
-from pipeline.evaluation_run import run_evaluate
-from pipeline.run_checkpoints import CHECKPOINT_DIR, LAST_CHECKPOINT, CheckpointUploads
-from pipeline.runners import TrialHooks, run_train
+from pipeline.run import evaluation_run
+from pipeline.run.evaluation_run import run_evaluate
+from pipeline.run.runners import TrialHooks, run_train
+from pipeline.track import references, run_checkpoints
+from pipeline.track.run_checkpoints import CHECKPOINT_DIR, LAST_CHECKPOINT, CheckpointUploads
 from tests.conftest import EPOCH_METRICS
 
 TRAIN_PARAMS = {

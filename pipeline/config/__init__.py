@@ -8,6 +8,9 @@ default are written once, on its field.
     steps     PrepareConfig, TrainConfig (pretrain, finetune), PruneConfig, EvaluateConfig
     tune      TuneConfig
     compare   CompareConfig
+
+May import: only the shared top-level modules (errors, pareto's pick rule); no torch, mlflow or
+optuna, no other pipeline package.
 """
 
 from pipeline.config.base import (

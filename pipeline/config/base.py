@@ -21,7 +21,7 @@ AUGMENTS = ("none", "basic", "strong")
 MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
 SPLITS = ("train", "val", "test")
 ON_BAD_IMAGE = ("skip", "fail")
-IMPORTANCES = ("magnitude", "bn_scale", "taylor")  # how prune scores channels (pipeline.pruning)
+IMPORTANCES = ("magnitude", "bn_scale", "taylor")  # how prune scores channels (pipeline.prune.pruning)
 # PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS outright (it only warns above 1x), so this
 # default keeps every image that PIL decodes by default decodable here.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -29,7 +29,7 @@ MAX_IMAGE_PIXELS_HELP = ("image folders: files with more pixels (width x height)
                          "as on_bad_image says; 0 = no limit")
 NUM_STAGES = 5  # stem, layer1, layer2, layer3, layer4: what frozen_layers counts
 # Images per inference forward pass (validation, evaluate, registry scoring). Defined here, not in
-# pipeline.device, so that the configs stay importable without torch; pipeline.device re-exports it.
+# pipeline.model.device, so that the configs stay importable without torch; pipeline.model.device re-exports it.
 EVAL_BATCH = 512
 
 
