@@ -170,8 +170,15 @@ def count_epoch(n: int, batch_size: int, size: int, drop_last: bool = False) -> 
     return steps, n - rest
 
 
+# One random stream per use, so that no two draw the same numbers: fit() seeds each epoch's shuffle,
+# augmentation and dropout from (seed, epoch, stream[, rank]). The stream tag is never 0 and comes
+# before the rank, because SeedSequence ignores trailing zeros: (seed, epoch) and (seed, epoch, 0) are
+# one seed, which once made rank 0's augmentation draws the very numbers its shuffle had drawn.
+SHUFFLE_STREAM, AUGMENT_STREAM, DROPOUT_STREAM = 1, 2, 3
+
+
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed made of (seed, epoch[, rank]): independent streams for every combination."""
+    """A 63-bit seed made of (seed, epoch, stream[, rank]); trailing zeros do not count (see SHUFFLE_STREAM)."""
     hi, lo = np.random.SeedSequence([int(p) for p in parts]).generate_state(2)
     return ((int(hi) << 32) | int(lo)) & (2**63 - 1)
 

@@ -108,9 +108,18 @@ def test_batch_size_must_split_evenly_over_the_processes():
 
 
 def test_epoch_seeds_differ_by_epoch_and_rank_and_repeat():
-    seeds = {distributed.derive_seed(0, epoch, rank) for epoch in range(1, 4) for rank in range(4)}
+    seeds = {distributed.derive_seed(0, epoch, rank) for epoch in range(1, 4) for rank in range(1, 5)}
     assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
     assert distributed.derive_seed(0, 2) == distributed.derive_seed(0, 2) != distributed.derive_seed(1, 2)
+
+
+def test_shuffle_augmentation_and_dropout_never_share_a_seed():
+    """(seed, epoch) and (seed, epoch, 0) are one SeedSequence: before the stream tags, rank 0's
+    augmentation drew the very numbers its shuffle had drawn (issue 27)."""
+    streams = (distributed.SHUFFLE_STREAM, distributed.AUGMENT_STREAM, distributed.DROPOUT_STREAM)
+    seeds = [distributed.derive_seed(seed, epoch, stream, rank)
+             for seed in (0, 1) for epoch in range(1, 4) for stream in streams for rank in range(3)]
+    assert len(set(seeds)) == len(seeds)
 
 
 def test_other_steps_refuse_to_run_under_torchrun():

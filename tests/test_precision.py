@@ -186,3 +186,25 @@ def test_a_run_with_precision_auto_trains_in_the_measured_choice_and_records_it(
     assert trained_in == ["bf16"]
     assert run.data.params["precision"] == "auto" and run.data.params["precision_resolved"] == "bf16"
     assert run.data.metrics["cpu_bf16_speedup"] == pytest.approx(2.5)
+
+
+def test_same_seed_trains_alike_whether_the_verdict_was_measured_or_cached(store, capsys):
+    """The real measurement builds and runs a network of its own between the run's seeding and fit():
+    it must not change what the run trains. The second run reads the verdict the first one cached."""
+    import mlflow
+
+    from pipeline.config import PrepareConfig
+    from pipeline.run import runners
+
+    data = runners.run_prepare(PrepareConfig(source="digits", image_size=8, samples_per_class=30))
+    cfg = TrainConfig(data=data, epochs=2, batch_size=32, augment="basic", device="cpu", precision="auto")
+    losses, verdicts = [], []
+    for _ in range(2):
+        run_id = runners.run_train(cfg, "pretrain")
+        history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "train_loss")
+        losses.append([m.value for m in sorted(history, key=lambda m: m.step)])
+        verdicts.append(mlflow.get_run(run_id).data.params["precision_resolved"])
+    printed = capsys.readouterr().out
+    assert "measured:" in printed and "cached:" in printed  # one run of each kind
+    assert verdicts[0] == verdicts[1] and len(losses[0]) == 2
+    assert losses[0] == losses[1]

@@ -10,7 +10,7 @@ from pipeline.distributed import SINGLE, World
 from pipeline.errors import PipelineError
 from pipeline.model.device import resolve_amp_dtype, resolve_device
 from pipeline.model.models import create_model
-from pipeline.train.loop import NonFiniteLossError, fit, scaled_loss, seed_everything
+from pipeline.train.loop import NonFiniteLossError, _seed_epoch, fit, scaled_loss, seed_everything, set_up
 from tests.conftest import EPOCH_METRICS
 
 CPU = dict(device="cpu", precision="fp32", batch_size=64, augment="none")
@@ -49,6 +49,18 @@ def test_same_seed_gives_same_metrics_on_cpu(digits):
     _, b = _fit(digits, epochs=1, augment="basic")
     untimed = lambda r: [{k: v for k, v in h.items() if k != "images_per_sec"} for h in r.history]  # noqa: E731
     assert untimed(a) == untimed(b)
+
+
+def test_each_epoch_draws_its_augmentation_apart_from_its_shuffle(digits):
+    """One process is rank 0; its augmentation generator once got the shuffle's seed, so every
+    crop and flip was drawn from the numbers that had just ordered the batch (issue 27)."""
+    train, val = digits
+    setup, _ = set_up(create_model("resnet18", 10), train, val, TrainConfig(data="d", **CPU), SINGLE)
+    seeds = set()
+    for epoch in (1, 2):
+        _seed_epoch(setup, 0, epoch, SINGLE)
+        seeds |= {setup.shuffle_gen.initial_seed(), setup.aug_gen.initial_seed(), torch.initial_seed()}
+    assert len(seeds) == 6
 
 
 def test_nan_loss_stops_at_once_with_epoch_and_step(digits):

@@ -178,7 +178,7 @@ def describe_machine_error(exc: BaseException, uri: str | None = None) -> str | 
     if is_lost_server(exc, uri):
         lost = _find_in_chain(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
         return (f"lost the tracking server {uri} for longer than MLflow retries ({_short(lost)}); once it answers, "
-                "rerun (pretrain/finetune: --resume <run id>); see README, Troubleshooting, to retry longer")
+                "rerun (pretrain/finetune: --resume <run id>); see docs/troubleshooting.md to retry longer")
     return None
 
 

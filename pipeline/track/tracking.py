@@ -3,7 +3,7 @@
 Tracking location and experiment follow MLflow's own rules: MLFLOW_TRACKING_URI (default
 sqlite:///mlflow.db in the working directory) and MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID.
 Reading runs back (run ids, URIs, downloads) is pipeline.track.references; the other modules that talk to
-MLflow are listed in the README's layout section.
+MLflow are listed in docs/development.md (Layout).
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ from pipeline.config import TrainConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader import iter_train_batches
 from pipeline.distributed import (
+    AUGMENT_STREAM,
+    DROPOUT_STREAM,
+    SHUFFLE_STREAM,
     SINGLE,
     World,
     broadcast_buffers,
@@ -228,9 +231,9 @@ def _seed_epoch(setup: Setup, seed: int, epoch: int, world: World) -> None:
     and for several alike: the same permutation on every rank (each then takes its shard of every
     global batch), per-rank augmentation and dropout draws. So a checkpoint needs no generator
     state, and one written on a GPU resumes on a CPU (their generator states differ in size)."""
-    setup.shuffle_gen.manual_seed(derive_seed(seed, epoch))
-    setup.aug_gen.manual_seed(derive_seed(seed, epoch, world.rank))
-    torch.manual_seed(derive_seed(seed, epoch, world.rank))  # dropout, on every device
+    setup.shuffle_gen.manual_seed(derive_seed(seed, epoch, SHUFFLE_STREAM))
+    setup.aug_gen.manual_seed(derive_seed(seed, epoch, AUGMENT_STREAM, world.rank))
+    torch.manual_seed(derive_seed(seed, epoch, DROPOUT_STREAM, world.rank))  # dropout, on every device
 
 
 def _train_step(setup: Setup, state: LoopState, x: torch.Tensor, y: torch.Tensor, epoch: int,
