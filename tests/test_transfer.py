@@ -50,9 +50,9 @@ def test_beats_only_when_the_interval_excludes_scratch():
 def test_a_gain_inside_the_interval_is_not_called_a_win():
     arms = [arm(1, 0.62), arm(4, 0.61), SCRATCH_ARM]  # best 0.62, interval 0.59-0.65 holds scratch's 0.60
     assert outcome(best_arm(arms), SCRATCH_ARM) == "unresolved"
-    text = verdict(arms, PairedTests(0.4, 0.5, 1500), source="archive.tar.gz")
+    text = verdict(arms, PairedTests(0.4, 0.5, 1500))
     assert "does not beat scratch by more than its interval" in text and "beats training" not in text
-    assert "+2.0 points" in text and "no difference at the 5% level" in text
+    assert "+2.0 points" in text and "same 1,500 test images" in text and "no difference at the 5% level" in text
     assert "weights=imagenet" in text and "more source images per class" in text
 
 

@@ -126,7 +126,7 @@ def _ci(a: Arm) -> str:
 
 
 def verdict(arms: Sequence[Arm], tests: PairedTests | None, *, target_images: int | None = None,
-            source: str = "", alpha: float = ALPHA) -> str:
+            alpha: float = ALPHA) -> str:
     """One paragraph: whether pretrained + frozen beats scratch by more than its interval, by how much and
     at which depth, what it costs, and what would change the answer where it does not."""
     best, scratch = best_arm(arms), scratch_arm(arms)
@@ -139,7 +139,7 @@ def verdict(arms: Sequence[Arm], tests: PairedTests | None, *, target_images: in
         paired = " No paired test: the two arms' predictions are not on the same images."
     else:
         significant = min(tests.p_mcnemar, tests.p_f1_macro) < alpha
-        paired = (f" On the same {tests.images} test images the paired tests give p = {tests.p_mcnemar:.3g} (exact "
+        paired = (f" On the same {tests.images:,} test images the paired tests give p = {tests.p_mcnemar:.3g} (exact "
                   f"McNemar, accuracy) and p = {tests.p_f1_macro:.3g} (paired bootstrap, macro-F1): "
                   + ("a real difference at the 5% level" if significant else "no difference at the 5% level")
                   + ". The best depth is picked on these same test images, out of "
@@ -158,9 +158,9 @@ def verdict(arms: Sequence[Arm], tests: PairedTests | None, *, target_images: in
         head = (f"Pretrained + frozen does not beat scratch by more than its interval{budget}: the best depth "
                 f"({best.frozen_depth} stages frozen) reaches {_ci(best)} against scratch's "
                 f"{_pct(scratch.test_accuracy)} ({_points(gain)}), inside the interval.")
-    change = (f" What would change it: a source that teaches more (more source images per class or more "
-              f"pretrain epochs{'' if not source else ' than this run on `' + source + '`'}), weights=imagenet on a "
-              "machine that can download them, or fewer target images per class, where pretraining matters most.")
+    change = (" What would change it: a source that teaches more (more source images per class, more pretrain "
+              "epochs), weights=imagenet on a machine that can download them, or more finetune_epochs where the "
+              "runs' validation accuracy was still rising at their last epoch.")
     return head + cost + paired + change
 
 

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 
 import mlflow
+import numpy as np
 
 from pipeline.config import TransferConfig
 from pipeline.errors import PipelineError
@@ -134,7 +135,7 @@ def train_seconds(run_id: str, train_images: int) -> float:
 def tests_of(best_eval: str, scratch_eval: str, seed: int) -> PairedTests | None:
     """The paired tests of two evaluate runs, when both logged predictions on the same images."""
     a, b = load_scored_images(best_eval, "test"), load_scored_images(scratch_eval, "test")
-    if a is None or b is None or a.digest != b.digest or not (a.y_true == b.y_true).all():
+    if a is None or b is None or a.digest != b.digest or not np.array_equal(a.y_true, b.y_true):
         return None
     return paired_tests(a.y_true, a.y_pred, b.y_pred, max(a.num_classes, b.num_classes), seed=seed)
 
@@ -156,7 +157,7 @@ def log_result(cfg: TransferConfig, runs: TransferRuns, log=print) -> str:
     mlflow.log_figure(fig, PLOT)
     plt.close(fig)
     tracking.log_metrics(parent_metrics(arms, tests))
-    text = verdict(arms, tests, target_images=cfg.target_samples_per_class or None, source=cfg.source)
+    text = verdict(arms, tests, target_images=cfg.target_samples_per_class or None)
     tracking.set_note(describe(cfg, runs, text))
     log(markdown_table(table))
     log(text)
