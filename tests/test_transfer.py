@@ -44,7 +44,7 @@ def test_beats_only_when_the_interval_excludes_scratch():
     assert text.startswith("Pretrained and fine-tuned with the first 3 stages frozen, the network beats")
     assert "+10.0 points" in text and "100 target training images per class" in text
     assert "8,000,000" in text and "60 s against scratch's 100 s" in text
-    assert "a real difference at the 5% level" in text and "What would change it" not in text
+    assert "a significant difference at the 5% level" in text and "What would change it" not in text
 
 
 def test_a_gain_inside_the_interval_is_not_called_a_win():

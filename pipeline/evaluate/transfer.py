@@ -141,7 +141,7 @@ def verdict(arms: Sequence[Arm], tests: PairedTests | None, *, target_images: in
         significant = min(tests.p_mcnemar, tests.p_f1_macro) < alpha
         paired = (f" On the same {tests.images:,} test images the paired tests give p = {tests.p_mcnemar:.3g} (exact "
                   f"McNemar, accuracy) and p = {tests.p_f1_macro:.3g} (paired bootstrap, macro-F1): "
-                  + ("a real difference at the 5% level" if significant else "no difference at the 5% level")
+                  + ("a significant difference at the 5% level" if significant else "no difference at the 5% level")
                   + ". The best depth is picked on these same test images, out of "
                   f"{sum(a.frozen_depth is not None for a in arms)}, so the p-values flatter it somewhat.")
     if result == "beats":
@@ -153,10 +153,10 @@ def verdict(arms: Sequence[Arm], tests: PairedTests | None, *, target_images: in
     if result == "loses":
         head = (f"Pretraining does not pay here{budget}: training from scratch reaches "
                 f"{_pct(scratch.test_accuracy)} test accuracy, above the whole interval of the best fine-tuned depth "
-                f"({best.frozen_depth} stages frozen: {_ci(best)}, {_points(gain)}).")
+                f"(frozen depth {best.frozen_depth}: {_ci(best)}, {_points(gain)}).")
     else:
         head = (f"Pretrained + frozen does not beat scratch by more than its interval{budget}: the best depth "
-                f"({best.frozen_depth} stages frozen) reaches {_ci(best)} against scratch's "
+                f"(frozen depth {best.frozen_depth}) reaches {_ci(best)} against scratch's "
                 f"{_pct(scratch.test_accuracy)} ({_points(gain)}), inside the interval.")
     change = (" What would change it: a source that teaches more (more source images per class, more pretrain "
               "epochs), weights=imagenet on a machine that can download them, or more finetune_epochs where the "
