@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["main", "prepare_data", "pretrain", "finetune", "evaluate", "compare", "prune"]
+STEPS = ["main", "transfer", "prepare_data", "pretrain", "finetune", "evaluate", "compare", "prune"]
 
 
 _env = subprocess_env

@@ -8,6 +8,7 @@ default are written once, on its field.
     steps     PrepareConfig, TrainConfig (pretrain, finetune), PruneConfig, EvaluateConfig
     tune      TuneConfig
     compare   CompareConfig
+    transfer  TransferConfig (the transfer study: pretrain on some classes, fine-tune on others)
 
 May import: only the shared top-level modules (errors, pareto's pick rule); no torch, mlflow or
 optuna, no other pipeline package.
@@ -34,11 +35,12 @@ from pipeline.config.base import (
 )
 from pipeline.config.compare import TABLE_SUFFIXES, CompareConfig
 from pipeline.config.steps import RECOVERY_OPTIONS, EvaluateConfig, PrepareConfig, PruneConfig, TrainConfig
+from pipeline.config.transfer import TransferConfig
 from pipeline.config.tune import PRUNERS, SAMPLERS, STUDY_NAME, TuneConfig
 
 __all__ = [
     "ARCHS", "AUGMENTS", "DEFAULT_MAX_IMAGE_PIXELS", "DEVICES", "EVAL_BATCH", "IMPORTANCES", "MAX_IMAGE_PIXELS_HELP",
     "MONITORS", "NUM_STAGES", "ON_BAD_IMAGE", "OPTIMIZERS", "PRECISIONS", "PRUNERS", "RECOVERY_OPTIONS", "SAMPLERS",
     "SCHEDULES", "SPLITS", "STUDY_NAME", "TABLE_SUFFIXES", "WEIGHTS", "CompareConfig", "EvaluateConfig",
-    "PrepareConfig", "PruneConfig", "TrainConfig", "TuneConfig", "opt", "same_as",
+    "PrepareConfig", "PruneConfig", "TrainConfig", "TransferConfig", "TuneConfig", "opt", "same_as",
 ]

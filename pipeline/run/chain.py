@@ -118,15 +118,16 @@ def find_finished_run(key: str, experiment_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _reuse_or_run(step: str, params: dict, upstream: dict, experiment_id: str, run: Callable[[dict], str], log) -> str:
+def _reuse_or_run(step: str, params: dict, upstream: dict, experiment_id: str, run: Callable[[dict], str], log,
+                  who: str = "main") -> str:
     key = cache_key(step, {k: v for k, v in params.items() if k not in NOT_IN_CACHE_KEY}, upstream)
     found = find_finished_run(key, experiment_id)
     if found:
-        log(f"main: reusing {step} run {found} (same parameters, inputs and code)")
+        log(f"{who}: reusing {step} run {found} (same parameters, inputs and code)")
         mlflow.set_tag(f"pipeline.{step}_reused", "true")
         return found
     run_id = run({TAG_CACHE_KEY: key})
-    log(f"main: ran {step} -> {run_id}")
+    log(f"{who}: ran {step} -> {run_id}")
     return run_id
 
 
