@@ -34,6 +34,7 @@ from pipeline.model.models import (
     count_trainable,
     create_model,
     freeze,
+    initialise_from_data,
     pruned_layers,
     replace_head,
 )
@@ -128,6 +129,8 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     """
     world = distributed.read_world()
     cfg, tags, resume_state = _resume_point(cfg, step, tags, hooks.start_from)
+    if cfg.arch != "auto":  # else (finetune) load_training_inputs resolves it with the pretrained model's arch
+        cfg = cfg.resolved()
     device = _check_training(cfg, step, world)
     main = world.is_main
     # Everything up to the first collective runs in failing_together: a rank failing there alone
@@ -171,19 +174,22 @@ def _check_training(cfg: TrainConfig, step: str, world) -> torch.device:
             raise PipelineError("pretrain trains every layer from scratch; "
                                 "use the finetune step for pretrained/frozen_layers")
         device = resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
-        distributed.check_world(world, cfg.batch_size, device)
+        if cfg.batch_size is not None:  # arch=auto: checked once its recipe is known (load_training_inputs)
+            distributed.check_world(world, cfg.batch_size, device)
         if not cfg.data:
             raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
     return device
 
 
 def _train_run_name(step: str, cfg: TrainConfig) -> str:
-    return f"{step} {cfg.arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + f" lr={cfg.lr:g}"
+    lr = "" if cfg.lr is None else f" lr={cfg.lr:g}"  # finetune with arch=auto: named again once resolved
+    return f"{step} {cfg.arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + lr
 
 
 def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
     """Load the dataset and build the network: from scratch or ImageNet (pretrain), or from the
-    pretrained model with its first stages frozen and, for a new class set, a fresh head (finetune)."""
+    pretrained model with its first stages frozen and, for a new class set, a fresh head (finetune).
+    The config comes back with arch=auto and the recipe options resolved (TrainConfig.resolved)."""
     splits = ("train", "val", "test") if cfg.register_as else ("train", "val")
     ds, manifest, data_uri = load_dataset_ref(cfg.data, splits)
     if cfg.register_as:
@@ -198,8 +204,12 @@ def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
         pruned = bool(meta.get(PRUNED_LAYERS))
     else:
         net = create_model(cfg.arch, ds.num_classes, cfg.dropout, cfg.weights)
+        if cfg.weights == "none":  # airnet's whitening stem; finetune and resume load the trained one
+            initialise_from_data(net, ds.splits["train"].images)
         origin = f" from {'ImageNet' if cfg.weights == 'imagenet' else 'scratch'}"
         pruned = False
+    cfg = cfg.resolved()
+    distributed.check_world(distributed.read_world(), cfg.batch_size, resolve_device(cfg.device))
     return TrainingInputs(cfg, ds, manifest, data_uri, net, upstream, origin, pruned)
 
 
