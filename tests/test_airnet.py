@@ -21,8 +21,8 @@ from pipeline.model.models import (
     initialise_from_data,
     stages,
 )
-from pipeline.train.optim import create_optimizer, create_scheduler, parameter_groups, triangle
 from pipeline.track.references import load_dataset_ref, load_model_ref
+from pipeline.train.optim import create_optimizer, create_scheduler, parameter_groups, triangle
 
 
 def smooth_images(n: int = 64, side: int = 16, seed: int = 0) -> np.ndarray:
@@ -223,3 +223,17 @@ def test_pruned_airnet_serves_raw_images(airnet_runs):
     ds, _, _ = load_dataset_ref(airnet_runs["prepare"], ("test",))
     predicted = model.predict(ds.splits["test"].images[:5])  # uint8 NHWC as they come
     assert len(predicted) == 5 and set(predicted["class_name"]) <= set(ds.class_names)
+
+
+def test_a_tuning_trial_searches_lr_batch_and_decay_and_takes_the_rest_from_the_recipe():
+    import optuna
+
+    from pipeline.config import TuneConfig
+    from pipeline.run.tuning import suggest, trial_config
+
+    cfg = TuneConfig(data="d", pretrained="p", arch="airnet", epochs=4)
+    trial = optuna.create_study().ask()
+    train = trial_config(cfg, suggest(trial, cfg)).resolved()
+    assert train.lr == trial.params["lr"] and train.batch_size == trial.params["batch_size"]
+    assert (train.schedule, train.label_smoothing, train.tta) == ("triangle", 0.2, True)
+    assert train.warmup_epochs == pytest.approx(0.23 * 4)

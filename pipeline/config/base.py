@@ -10,7 +10,8 @@ from dataclasses import MISSING, field, fields
 
 from pipeline.errors import PipelineError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9", "mobilenet_v3_small", "mobilenet_v3_large", "vgg11_bn", "airnet")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9", "mobilenet_v3_small", "mobilenet_v3_large", "vgg11_bn",
+         "airnet")
 WEIGHTS = ("none", "imagenet")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -58,8 +58,10 @@ def recipe_opt(name: str, kind: type, help: str):
         if name == "warmup_epochs" and recipe.warmup_share:
             return f"{recipe.warmup_share:g} x epochs"
         value = recipe.value(name, 0)
-        return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"{value:g}" if isinstance(value, float) else str(value)
 
     values = ", ".join(f"{arch} {shown(recipe)}" for arch, recipe in RECIPES.items())
-    return field(default=None, metadata={"help": f"{help}; auto = the arch's recipe: {values}, others {shown(STANDARD)}",
-                                         "recipe": kind})
+    help = f"{help}; auto = the arch's recipe: {values}, others {shown(STANDARD)}"
+    return field(default=None, metadata={"help": help, "recipe": kind})

@@ -254,7 +254,8 @@ class PruneConfig:
     def resolved(self, arch: str) -> PruneConfig:
         """This config with the recovery options left at auto (None) taken from `arch`'s recipe."""
         recovery = self.recovery_config(arch).resolved()
-        return replace(self, **{name: getattr(recovery, name) for name in RECOVERY_OPTIONS if getattr(self, name) is None})
+        unset = [name for name in RECOVERY_OPTIONS if getattr(self, name) is None]
+        return replace(self, **{name: getattr(recovery, name) for name in unset})
 
     def to_params(self) -> dict:
         return asdict(self)

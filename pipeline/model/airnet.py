@@ -70,6 +70,8 @@ class AirNet(nn.Module):
         self.layer3 = _first_half(w2, w3)
         self.layer4 = _second_half(w3)
         self.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(w3, num_classes, bias=False))
+        for p in self.fixed_parameters():  # (freeze() and fit() set this again: pruning makes new Parameters)
+            p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))

@@ -3,7 +3,7 @@
 Every network exposes the same five stages and a head, so stage-wise freezing is one rule for all:
 the stem (conv1 + bn1 on the ResNets, `stem` on the others), layer1 .. layer4, and the head `fc`,
 a Sequential whose last module is the class Linear. Each stage of the small-image nets ends at the
-resolution of the same ResNet-18 stage (32 px in: 32, 32, 16, 8, 4).
+resolution of the same ResNet-18 stage (32 px in: 32, 32, 16, 8, 4; airnet: 31, 16, 8, 4, 4).
 """
 
 from __future__ import annotations

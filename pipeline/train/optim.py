@@ -22,6 +22,7 @@ def parameter_groups(net: nn.Module, cfg: TrainConfig) -> list[dict]:
     (norm_parameters: airnet's BatchNorm biases) in a second group at lr x scale and weight decay / scale,
     so that their per-step decay lr x weight_decay is the other parameters'. Adam needs no such scale:
     it normalizes each parameter's step already."""
+    cfg = cfg.resolved()
     fixed = {id(p) for p in fixed_parameters(net)}
     trainable = [p for p in net.parameters() if p.requires_grad and id(p) not in fixed]
     scaled, scale = norm_parameters(net)
@@ -35,6 +36,7 @@ def parameter_groups(net: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def create_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (Nesterov, momentum 0.9) or AdamW over `params`: parameters, or parameter_groups(net, cfg)."""
+    cfg = cfg.resolved()  # recipe options left at auto: the arch's
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -43,6 +45,7 @@ def create_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 def create_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     """Per-step schedulers (cosine, onecycle, triangle); plateau steps per epoch on the monitored metric.
     Each scales every parameter group's own lr (airnet's BatchNorm biases keep their multiple)."""
+    cfg = cfg.resolved()
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "triangle":
         return torch.optim.lr_scheduler.LambdaLR(opt, triangle(total, int(cfg.warmup_epochs * steps_per_epoch)))
