@@ -237,3 +237,18 @@ def test_a_tuning_trial_searches_lr_batch_and_decay_and_takes_the_rest_from_the_
     assert train.lr == trial.params["lr"] and train.batch_size == trial.params["batch_size"]
     assert (train.schedule, train.label_smoothing, train.tta) == ("triangle", 0.2, True)
     assert train.warmup_epochs == pytest.approx(0.23 * 4)
+
+
+def test_airnet_finetunes_with_its_recipe_and_keeps_the_stored_whitening(airnet_runs):
+    from pipeline.run.runners import run_train
+
+    fin = run_train(TrainConfig(data=airnet_runs["prepare"], pretrained=airnet_runs["pretrain"], arch="auto",
+                                epochs=1, lr=0.01, batch_size=32, precision="fp32", device="cpu",
+                                system_metrics=False), "finetune")
+    params = mlflow.get_run(fin).data.params
+    assert (params["arch"], params["lr"], params["schedule"], params["weight_decay"]) == (
+        "airnet", "0.01", "triangle", "0.00133")  # arch=auto resolved first, then its recipe
+    pretrained, _ = load_model_ref(airnet_runs["pretrain"])
+    finetuned, _ = load_model_ref(fin)
+    assert torch.equal(pretrained["stem.0.weight"], finetuned["stem.0.weight"])
+    assert not torch.equal(pretrained["stem.0.bias"], finetuned["stem.0.bias"])  # the whitening bias trains

@@ -129,8 +129,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     """
     world = distributed.read_world()
     cfg, tags, resume_state = _resume_point(cfg, step, tags, hooks.start_from)
-    if cfg.arch != "auto":  # else (finetune) load_training_inputs resolves it with the pretrained model's arch
-        cfg = cfg.resolved()
+    cfg = cfg if cfg.arch == "auto" else cfg.resolved()  # finetune's auto: resolved with the pretrained arch
     device = _check_training(cfg, step, world)
     main = world.is_main
     # Everything up to the first collective runs in failing_together: a rank failing there alone
@@ -188,8 +187,7 @@ def _train_run_name(step: str, cfg: TrainConfig) -> str:
 
 def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
     """Load the dataset and build the network: from scratch or ImageNet (pretrain), or from the
-    pretrained model with its first stages frozen and, for a new class set, a fresh head (finetune).
-    The config comes back with arch=auto and the recipe options resolved (TrainConfig.resolved)."""
+    pretrained model with its first stages frozen and, for a new class set, a fresh head (finetune)."""
     splits = ("train", "val", "test") if cfg.register_as else ("train", "val")
     ds, manifest, data_uri = load_dataset_ref(cfg.data, splits)
     if cfg.register_as:
@@ -208,8 +206,6 @@ def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
             initialise_from_data(net, ds.splits["train"].images)
         origin = f" from {'ImageNet' if cfg.weights == 'imagenet' else 'scratch'}"
         pruned = False
-    cfg = cfg.resolved()
-    distributed.check_world(distributed.read_world(), cfg.batch_size, resolve_device(cfg.device))
     return TrainingInputs(cfg, ds, manifest, data_uri, net, upstream, origin, pruned)
 
 
@@ -235,7 +231,9 @@ def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch
     if list(meta["class_names"]) != list(class_names):
         replace_head(net, len(class_names))  # a new class set needs a fresh head
     freeze(net, cfg.frozen_layers)
-    return net, dataclasses.replace(cfg, arch=meta["arch"]), meta
+    cfg = dataclasses.replace(cfg, arch=meta["arch"]).resolved()  # arch=auto: the recipe options only now
+    distributed.check_world(distributed.read_world(), cfg.batch_size, resolve_device(cfg.device))
+    return net, cfg, meta
 
 
 def log_training_inputs(inputs: TrainingInputs, step: str, world) -> None:
