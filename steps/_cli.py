@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from pipeline.config import AUTO
 from pipeline.distributed import is_raised_on_every_rank, mark_raised_on_every_rank, read_world
 from pipeline.errors import PipelineError
 from pipeline.track.preflight import check_tracking_server, describe_machine_error
@@ -22,6 +23,19 @@ from pipeline.track.tracking import describe_interrupted_run, last_run_id
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+class RecipeValue(click.ParamType):
+    """A recipe option's value: `auto` (None: the arch's recipe, pipeline.config.recipes) or one of `kind`."""
+
+    def __init__(self, kind: type):
+        self.inner = {bool: click.BOOL, int: click.INT, float: click.FLOAT, str: click.STRING}[kind]
+        self.name = f"auto|{self.inner.name}"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == AUTO:
+            return None
+        return self.inner.convert(value, param, ctx)
 
 
 def config_options(config_cls, exclude: tuple[str, ...] = (), defaults: dict | None = None):
@@ -35,7 +49,11 @@ def config_options(config_cls, exclude: tuple[str, ...] = (), defaults: dict | N
             default = defaults.get(f.name, f.default)
             flag = "--" + f.name.replace("_", "-")
             kind = type(f.default)
-            if kind is bool:
+            if "recipe" in f.metadata:  # None = auto, MLflow passes the word
+                option = click.option(flag, f.name, type=RecipeValue(f.metadata["recipe"]),
+                                      default=AUTO if default is None else default, show_default=True,
+                                      help=f.metadata.get("help"))
+            elif kind is bool:
                 # MLflow passes every parameter as `--name value`, so booleans take a value too.
                 option = click.option(
                     flag, f.name, type=click.BOOL, default=default, show_default=True, help=f.metadata.get("help")

@@ -50,7 +50,9 @@ def test_conda_env_pins_the_same_packages_as_requirements():
 
 def test_help_shows_defaults_and_units():
     out = _cli("pretrain", "--help").stdout
-    assert "images per optimizer step" in out and "[default: 128]" in out
+    assert "images per optimizer step" in out and "[default: 10]" in out
+    # a recipe option: auto by default, and the help says what auto means for each arch
+    assert "airnet 1024, others 128 [default: auto]" in " ".join(out.split())
 
 
 def test_bad_parameter_is_one_line_no_traceback_exit_2():
@@ -99,6 +101,34 @@ def test_prepare_data_bad_input(args, fragment, tmp_path):
     assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr
 
 
+def _expected(default):
+    """A config default as the MLproject writes it: None (the arch's recipe) as auto, booleans lower-case."""
+    if default is None:
+        return "auto"
+    return str(default).lower() if isinstance(default, bool) else default
+
+
+def _mlproject_default(spec: dict):
+    return float(spec["default"]) if spec["type"] == "float" else spec["default"]
+
+
+@pytest.mark.parametrize("step", ["pretrain", "finetune"])
+def test_train_defaults_are_the_mlproject_defaults(step):
+    from pipeline.config import RECIPE_FIELDS, TrainConfig
+
+    params = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][step]["parameters"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if step == "finetune":
+        defaults.update(importlib.import_module("steps.finetune").FINETUNE_DEFAULTS)
+    finetune_only = {"pretrained", "frozen_layers"} if step == "pretrain" else set()
+    assert set(params) == set(defaults) - {"checkpoint_every"} - finetune_only  # checkpoint_every: command line only
+    for name, spec in params.items():
+        assert _mlproject_default(spec) == _expected(defaults[name]), name
+    for name in RECIPE_FIELDS:  # the arch's recipe unless given: auto in the MLproject and on the command line
+        if defaults[name] is None:
+            assert params[name] == {"type": "string", "default": "auto"}, name
+
+
 def test_main_defaults_are_the_mlproject_defaults():
     (
         "`mlflow run .` passes every parameter, so a default in one place and not the other "
@@ -110,9 +140,7 @@ def test_main_defaults_are_the_mlproject_defaults():
     cfg = MainConfig()
     assert set(params) == {f.name for f in dataclasses.fields(MainConfig)}
     for name, spec in params.items():
-        value = getattr(cfg, name)
-        expected = str(value).lower() if isinstance(value, bool) else value
-        assert (float(spec["default"]) if spec["type"] == "float" else spec["default"]) == expected, name
+        assert _mlproject_default(spec) == _expected(getattr(cfg, name)), name
 
 
 def test_main_spreads_its_options_over_the_steps():
@@ -136,8 +164,7 @@ def test_prune_defaults_are_the_mlproject_defaults():
         if not isinstance(spec, dict):  # required: `model: string`
             assert default == "", name
             continue
-        expected = str(default).lower() if isinstance(default, bool) else default
-        assert (float(spec["default"]) if spec["type"] == "float" else spec["default"]) == expected, name
+        assert _mlproject_default(spec) == _expected(default), name
 
 
 def test_tune_defaults_are_the_mlproject_defaults():
@@ -151,5 +178,4 @@ def test_tune_defaults_are_the_mlproject_defaults():
             assert defaults[name] == "", name
             continue
         default = defaults[name]
-        expected = str(default).lower() if isinstance(default, bool) else default
-        assert (float(spec["default"]) if spec["type"] == "float" else spec["default"]) == expected, name
+        assert _mlproject_default(spec) == _expected(default), name

@@ -10,13 +10,14 @@ from dataclasses import MISSING, field, fields
 
 from pipeline.errors import PipelineError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9", "mobilenet_v3_small", "mobilenet_v3_large", "vgg11_bn")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet9", "mobilenet_v3_small", "mobilenet_v3_large", "vgg11_bn",
+         "airnet")
 WEIGHTS = ("none", "imagenet")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda", "cuda:<K>")  # cuda:K = the K-th visible GPU (one per tune worker)
 CUDA_INDEXED = re.compile(r"^cuda:[0-9]+$")
-SCHEDULES = ("cosine", "onecycle", "plateau", "constant")
+SCHEDULES = ("cosine", "onecycle", "plateau", "constant", "triangle")
 AUGMENTS = ("none", "basic", "strong")
 MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
 SPLITS = ("train", "val", "test")

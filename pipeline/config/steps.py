@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from pipeline.config.base import (
     ARCHS,
@@ -29,6 +29,7 @@ from pipeline.config.base import (
     opt,
     same_as,
 )
+from pipeline.config.recipes import RECIPE_FIELDS, recipe_of, recipe_opt
 from pipeline.errors import PipelineError
 
 
@@ -72,25 +73,28 @@ class TrainConfig:
     data: str = opt("", "prepare_data run id or dataset artifact URI")
     arch: str = opt(
         "resnet18",
-        "resnet18 | resnet34 | resnet50 | resnet9 | mobilenet_v3_small | mobilenet_v3_large | vgg11_bn; "
-        "finetune: auto = as pretrained",
+        "resnet18 | resnet34 | resnet50 | resnet9 | mobilenet_v3_small | mobilenet_v3_large | vgg11_bn | airnet "
+        "(airbench94's fast CIFAR net); finetune: auto = as pretrained",
     )
     weights: str = opt("none", "none | imagenet (torchvision's ImageNet weights, from the torch hub cache)")
     epochs: int = opt(10, "passes over the training split")
-    batch_size: int = opt(128, "images per optimizer step")
-    lr: float = opt(0.05, "peak learning rate")
-    weight_decay: float = opt(5e-4, "L2 penalty (SGD) / decoupled decay (AdamW)")
+    batch_size: int | None = recipe_opt("batch_size", int, "images per optimizer step")
+    lr: float | None = recipe_opt("lr", float, "peak learning rate")
+    weight_decay: float | None = recipe_opt("weight_decay", float, "L2 penalty (SGD) / decoupled decay (AdamW)")
     optimizer: str = opt("sgd", "sgd (Nesterov momentum 0.9) | adamw")
-    label_smoothing: float = opt(0.0, "cross-entropy label smoothing, in [0, 1)")
-    schedule: str = opt("cosine", "cosine | onecycle | plateau (on the monitored metric) | constant")
-    warmup_epochs: float = opt(0.0, "linear warm-up length for cosine, in epochs")
+    label_smoothing: float | None = recipe_opt("label_smoothing", float, "cross-entropy label smoothing, in [0, 1)")
+    schedule: str | None = recipe_opt(
+        "schedule", str, "cosine | onecycle | plateau (on the monitored metric) | constant | triangle (0.2 x lr "
+                         "rising to lr over the warm-up, then down to 0.07 x lr)")
+    warmup_epochs: float | None = recipe_opt("warmup_epochs", float,
+                                             "warm-up length for cosine (linear from 0) and triangle, in epochs")
     patience: int = opt(0, "early stopping: epochs without improvement of `monitor` (0 = off)")
     monitor: str = opt("val_f1_macro", "validation metric that picks the best epoch")
     dropout: float = opt(0.0, "dropout before the classification head")
     augment: str = opt("basic", "none | basic (random crop, padding 1/8 of the side, + flip) | strong (+ rotation and "
                                 "scale)")
     ema: float = opt(0.0, "weight EMA decay per step (0 = off), e.g. 0.999")
-    tta: bool = opt(False, "flip test-time augmentation at validation/evaluation")
+    tta: bool | None = recipe_opt("tta", bool, "flip test-time augmentation at validation")
     precision: str = opt("auto", "auto (bf16 where the hardware has it) | bf16 | fp32")
     device: str = opt("auto", "auto | cpu | cuda | cuda:K (the K-th visible GPU, e.g. one per tune worker)")
     compile: bool = opt(
@@ -142,19 +146,20 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("precision", self.precision, PRECISIONS)
         _device("device", self.device)
-        _choice("schedule", self.schedule, SCHEDULES)
+        if self.schedule is not None:
+            _choice("schedule", self.schedule, SCHEDULES)
         _choice("augment", self.augment, AUGMENTS)
         _choice("monitor", self.monitor, MONITORS)
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise PipelineError(f"epochs={self.epochs} must be an integer >= 1")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise PipelineError(f"batch_size={self.batch_size} must be an integer >= 1")
-        _positive("lr", self.lr)
-        _non_negative("weight_decay", self.weight_decay)
-        _fraction("label_smoothing", self.label_smoothing)
+        for name, check in (("lr", _positive), ("weight_decay", _non_negative), ("label_smoothing", _fraction),
+                            ("warmup_epochs", _non_negative)):
+            if getattr(self, name) is not None:
+                check(name, getattr(self, name))
         _fraction("dropout", self.dropout)
         _fraction("ema", self.ema)
-        _non_negative("warmup_epochs", self.warmup_epochs)
         _non_negative("checkpoint_every", self.checkpoint_every)
         if self.patience < 0:
             raise PipelineError(f"patience={self.patience} must be >= 0 (0 = no early stopping)")
@@ -162,9 +167,21 @@ class TrainConfig:
             raise PipelineError(
                 f"frozen_layers={self.frozen_layers} is out of range; use 0 (train all) to {NUM_STAGES} (head only)"
             )
-        if self.arch == "resnet9" and self.weights == "imagenet":
-            raise PipelineError("arch=resnet9 has no ImageNet weights; use weights=none or a resnet arch")
+        if self.arch in ("resnet9", "airnet") and self.weights == "imagenet":
+            raise PipelineError(f"arch={self.arch} has no ImageNet weights; use weights=none or a resnet arch")
         _plain_name("register_as", self.register_as)
+
+    def resolved(self) -> TrainConfig:
+        """This config with every recipe option left at auto (None) taken from the arch's recipe
+        (pipeline.config.recipes): what trains, and what a run logs. Needs the arch (not auto)."""
+        unset = {name: None for name in RECIPE_FIELDS if getattr(self, name) is None}
+        if not unset:
+            return self
+        if self.arch == "auto":
+            raise PipelineError(f"{', '.join(unset)} follow the arch's recipe, and arch=auto is not known yet; "
+                                "resolve it from the pretrained model first")
+        recipe = recipe_of(self.arch)
+        return replace(self, **{name: recipe.value(name, self.epochs) for name in unset})
 
     def to_params(self) -> dict:
         return asdict(self)
@@ -233,6 +250,12 @@ class PruneConfig:
         """The TrainConfig of the recovery fine-tuning of a pruned `arch` (epochs >= 1 for TrainConfig's sake)."""
         options = {name: getattr(self, name) for name in RECOVERY_OPTIONS}
         return TrainConfig(data=self.data, arch=arch, epochs=max(1, self.recovery_epochs), **options)
+
+    def resolved(self, arch: str) -> PruneConfig:
+        """This config with the recovery options left at auto (None) taken from `arch`'s recipe."""
+        recovery = self.recovery_config(arch).resolved()
+        unset = [name for name in RECOVERY_OPTIONS if getattr(self, name) is None]
+        return replace(self, **{name: getattr(recovery, name) for name in unset})
 
     def to_params(self) -> dict:
         return asdict(self)

@@ -3,11 +3,12 @@
 Every network exposes the same five stages and a head, so stage-wise freezing is one rule for all:
 the stem (conv1 + bn1 on the ResNets, `stem` on the others), layer1 .. layer4, and the head `fc`,
 a Sequential whose last module is the class Linear. Each stage of the small-image nets ends at the
-resolution of the same ResNet-18 stage (32 px in: 32, 32, 16, 8, 4).
+resolution of the same ResNet-18 stage (32 px in: 32, 32, 16, 8, 4; airnet: 31, 16, 8, 4, 4).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -15,11 +16,12 @@ from torch import nn
 
 from pipeline.data.loader import prepare_input
 from pipeline.errors import PipelineError
+from pipeline.model.airnet import AirNet
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 MOBILENET_ARCHS = ("mobilenet_v3_small", "mobilenet_v3_large")
 VGG_ARCHS = ("vgg11_bn",)
-ALL_ARCHS = ("resnet9", *TORCHVISION_ARCHS, *MOBILENET_ARCHS, *VGG_ARCHS)
+ALL_ARCHS = ("resnet9", *TORCHVISION_ARCHS, *MOBILENET_ARCHS, *VGG_ARCHS, "airnet")
 # torchvision's MobileNetV3 `features` split into stem, layer1..layer4 (slices of block indices):
 # each layer ends where the ImageNet net's resolution halves next.
 MOBILENET_STAGES = {
@@ -156,6 +158,8 @@ def _small_image_vgg(arch: str, num_classes: int, dropout: float, weights: str) 
 def create_model(arch: str, num_classes: int, dropout: float = 0.0, weights: str = "none") -> nn.Module:
     if arch == "resnet9":
         return ResNet9(num_classes, dropout)
+    if arch == "airnet":
+        return AirNet(num_classes, dropout)
     if arch in TORCHVISION_ARCHS:
         return _small_image_resnet(arch, num_classes, dropout, weights)
     if arch in MOBILENET_ARCHS:
@@ -167,19 +171,43 @@ def create_model(arch: str, num_classes: int, dropout: float = 0.0, weights: str
 
 def stages(model: nn.Module) -> list[list[nn.Module]]:
     """The config.NUM_STAGES freezable stages in order: stem, layer1, layer2, layer3, layer4."""
-    stem = [model.stem] if isinstance(model, StagedNet) else [model.conv1, model.bn1]
+    stem = [model.stem] if isinstance(model, (StagedNet, AirNet)) else [model.conv1, model.bn1]
     return [stem, [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
 
 
 def freeze(model: nn.Module, frozen_layers: int) -> None:
     """Freeze the first `frozen_layers` stages (0 = none, config.NUM_STAGES = all but the head).
 
-    requires_grad is the one record of what is frozen: set_train_mode reads it back.
+    requires_grad is the one record of what is frozen: set_train_mode reads it back. The net's fixed
+    parameters (fixed_parameters: airnet's whitening and BatchNorm scales) stay untrainable at any depth.
     """
     for i, stage in enumerate(stages(model)):
         for module in stage:
             for p in module.parameters():
                 p.requires_grad_(i >= frozen_layers)
+    for p in fixed_parameters(model):
+        p.requires_grad_(False)
+
+
+def fixed_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the net never trains, found from its structure each time (so pruned layers'
+    new Parameters are found too); none for the nets without a fixed_parameters() method."""
+    return list(model.fixed_parameters()) if hasattr(model, "fixed_parameters") else []
+
+
+def norm_parameters(model: nn.Module) -> tuple[list[nn.Parameter], float]:
+    """(the parameters the net trains at a scaled lr, the scale): airnet's BatchNorm biases at 64 x;
+    ([], 1.0) for the other nets."""
+    if not hasattr(model, "norm_parameters"):
+        return [], 1.0
+    return list(model.norm_parameters()), float(model.norm_lr_scale)
+
+
+def initialise_from_data(model: nn.Module, train_images: np.ndarray) -> None:
+    """What a net from scratch sets from its training images (uint8 NHWC) before training: airnet's
+    patch-whitening stem. Nothing for the other nets."""
+    if hasattr(model, "initialise_from_data"):
+        model.initialise_from_data(torch.from_numpy(np.asarray(train_images)))
 
 
 def frozen_stages(model: nn.Module) -> list[list[nn.Module]]:

@@ -35,8 +35,9 @@ def run_prune(cfg: PruneConfig, nested: bool = False, tags: dict | None = None) 
     device = resolve_device(cfg.device)
     name = f"prune ratio={cfg.pruning_ratio:g} {cfg.importance}"
     with tracking.step_run("prune", name, tags, nested, system_metrics=cfg.system_metrics) as run:
-        tracking.log_params(cfg.to_params())
         state, meta = load_model_ref(cfg.model)
+        cfg = cfg.resolved(meta["arch"])  # the recovery options left at auto: the arch's recipe
+        tracking.log_params(cfg.to_params())
         ds, manifest, data_uri = load_dataset_ref(cfg.data)
         _check_classes(ds, meta)
         _log_inputs(meta, manifest, data_uri)

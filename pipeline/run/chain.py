@@ -54,8 +54,9 @@ class MainConfig:
     pretrain_epochs: int = opt(10, "epochs of pretraining")
     finetune_epochs: int = opt(5, "epochs of fine-tuning")
     batch_size: int = same_as(TrainConfig, "batch_size")
-    pretrain_lr: float = opt(0.05, "peak learning rate of pretrain")
-    finetune_lr: float = opt(0.01, "peak learning rate of finetune")
+    pretrain_lr: float | None = same_as(TrainConfig, "lr")  # auto: the arch's recipe, as pretrain's lr
+    finetune_lr: float = opt(0.01, "peak learning rate of finetune (explicit: a fine-tuning choice, not the arch's "
+                                   "recipe; the other recipe options follow the arch)")
     augment: str = same_as(TrainConfig, "augment")
     frozen_layers: int = same_as(TrainConfig, "frozen_layers", 3)
     precision: str = same_as(TrainConfig, "precision")
@@ -74,9 +75,11 @@ class MainConfig:
                                 samples_per_class=self.samples_per_class, seed=self.seed)
         return ChainConfig(
             prepare=prepare,
-            pretrain=TrainConfig(epochs=self.pretrain_epochs, lr=self.pretrain_lr, weights=self.weights, **shared),
+            # arch is known here (never auto): resolved now, so the cache key holds the values trained with
+            pretrain=TrainConfig(epochs=self.pretrain_epochs, lr=self.pretrain_lr, weights=self.weights,
+                                 **shared).resolved(),
             finetune=TrainConfig(epochs=self.finetune_epochs, lr=self.finetune_lr, frozen_layers=self.frozen_layers,
-                                 pretrained="(from pretrain)", **shared),
+                                 pretrained="(from pretrain)", **shared).resolved(),
             register_as=self.register_as,
         )
 

@@ -34,6 +34,7 @@ from pipeline.model.models import (
     count_trainable,
     create_model,
     freeze,
+    initialise_from_data,
     pruned_layers,
     replace_head,
 )
@@ -128,6 +129,7 @@ def run_train(cfg: TrainConfig, step: str, nested: bool = False, tags: dict | No
     """
     world = distributed.read_world()
     cfg, tags, resume_state = _resume_point(cfg, step, tags, hooks.start_from)
+    cfg = cfg if cfg.arch == "auto" else cfg.resolved()  # finetune's auto: resolved with the pretrained arch
     device = _check_training(cfg, step, world)
     main = world.is_main
     # Everything up to the first collective runs in failing_together: a rank failing there alone
@@ -171,14 +173,16 @@ def _check_training(cfg: TrainConfig, step: str, world) -> torch.device:
             raise PipelineError("pretrain trains every layer from scratch; "
                                 "use the finetune step for pretrained/frozen_layers")
         device = resolve_device(cfg.device)  # fail on device=cuda without a GPU before any download
-        distributed.check_world(world, cfg.batch_size, device)
+        if cfg.batch_size is not None:  # arch=auto: checked once its recipe is known (load_training_inputs)
+            distributed.check_world(world, cfg.batch_size, device)
         if not cfg.data:
             raise PipelineError("data is empty; pass a prepare_data run id or a dataset artifact URI")
     return device
 
 
 def _train_run_name(step: str, cfg: TrainConfig) -> str:
-    return f"{step} {cfg.arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + f" lr={cfg.lr:g}"
+    lr = "" if cfg.lr is None else f" lr={cfg.lr:g}"  # finetune with arch=auto: named again once resolved
+    return f"{step} {cfg.arch}" + (f" frozen={cfg.frozen_layers}" if step == "finetune" else "") + lr
 
 
 def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
@@ -198,6 +202,8 @@ def load_training_inputs(cfg: TrainConfig, step: str) -> TrainingInputs:
         pruned = bool(meta.get(PRUNED_LAYERS))
     else:
         net = create_model(cfg.arch, ds.num_classes, cfg.dropout, cfg.weights)
+        if cfg.weights == "none":  # airnet's whitening stem; finetune and resume load the trained one
+            initialise_from_data(net, ds.splits["train"].images)
         origin = f" from {'ImageNet' if cfg.weights == 'imagenet' else 'scratch'}"
         pruned = False
     return TrainingInputs(cfg, ds, manifest, data_uri, net, upstream, origin, pruned)
@@ -225,7 +231,9 @@ def _build_finetune_net(cfg: TrainConfig, class_names: list[str]) -> tuple[torch
     if list(meta["class_names"]) != list(class_names):
         replace_head(net, len(class_names))  # a new class set needs a fresh head
     freeze(net, cfg.frozen_layers)
-    return net, dataclasses.replace(cfg, arch=meta["arch"]), meta
+    cfg = dataclasses.replace(cfg, arch=meta["arch"]).resolved()  # arch=auto: the recipe options only now
+    distributed.check_world(distributed.read_world(), cfg.batch_size, resolve_device(cfg.device))
+    return net, cfg, meta
 
 
 def log_training_inputs(inputs: TrainingInputs, step: str, world) -> None:

@@ -41,9 +41,9 @@ from pipeline.distributed import (
 from pipeline.errors import PipelineError
 from pipeline.evaluate.metrics import summary_metrics
 from pipeline.model.device import autocast, predict_logits, resolve_amp_dtype, resolve_device
-from pipeline.model.models import set_train_mode
+from pipeline.model.models import fixed_parameters, set_train_mode
 from pipeline.train.checkpoint import CheckpointSchedule, restore_state
-from pipeline.train.optim import create_ema, create_optimizer, create_scheduler
+from pipeline.train.optim import create_ema, create_optimizer, create_scheduler, parameter_groups
 from pipeline.train.state import LoopState
 
 VAL_KEYS = ("val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro")
@@ -111,6 +111,7 @@ def fit(
     under DistributedDataParallel, and every rank gets the same metrics. Callers pass on_epoch and
     checkpoint_path on rank 0 only.
     """
+    cfg = cfg.resolved()  # recipe options left at auto: the arch's recipe (a no-op for a run's resolved config)
     setup, state = set_up(net, train, val, cfg, world)
     if resume_state is not None:
         restore_state(state, resume_state)
@@ -173,7 +174,9 @@ def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, wor
             f"the training split has {len(train)} image(s); training on {world.size} process(es) "
             f"needs at least {world.size}"
         ))
-    optimizer = create_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
+    for p in fixed_parameters(net):  # pruning may have made them anew, trainable
+        p.requires_grad_(False)
+    optimizer = create_optimizer(parameter_groups(net, cfg), cfg)
     scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
     ema = create_ema(net, cfg.ema)
     model = _wrap_for_steps(net, device, world, cfg.compile)
