@@ -9,6 +9,9 @@ Prints one JSON line per measurement on stdout:
     {"bench": "tuning_overhead", "per_trial_s": ..., ...}
     {"bench": "prune", "parent": ..., "pruned": ..., "macs_reduction": ..., "target_met": ...}
                                                   issue 15's target (benchmarks.prune_bench; --skip-prune)
+    {"bench": "recipe", "test_accuracy": ..., "test_accuracy_ci95": ..., "train_wall_s": ..., "training_pflop": ...}
+                                                  issue 25's time-to-accuracy: airnet's recipe through the tracked
+                                                  pipeline (benchmarks.recipe_bench; --skip-recipe)
     {"bench": "total", "wall_s": ...}
 
 Defaults fit a 2-core CPU in a few minutes; on a GPU pass more steps (benchmarks/gpu_check.sh).
@@ -40,6 +43,9 @@ import torch  # noqa: E402
 
 from benchmarks.prune_bench import add_arguments as add_prune_arguments  # noqa: E402
 from benchmarks.prune_bench import run_prune_bench, settings_from  # noqa: E402
+from benchmarks.recipe_bench import add_arguments as add_recipe_arguments  # noqa: E402
+from benchmarks.recipe_bench import run_recipe_bench  # noqa: E402
+from benchmarks.recipe_bench import settings_from as recipe_settings_from  # noqa: E402
 from benchmarks.throughput import CPU_CASES, Case, compare, summarize_precisions  # noqa: E402
 from pipeline.model.device import resolve_amp_dtype, resolve_device  # noqa: E402
 from pipeline.model.precision import CACHE_ENV, cpu_model_name  # noqa: E402
@@ -150,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-prune", action="store_true",
                    help="skip the pruned-vs-parent ResNet-18 bench on --archive (9-25 minutes on 2 cores)")
     add_prune_arguments(p)
+    p.add_argument("--skip-recipe", action="store_true",
+                   help="skip the airnet time-to-accuracy bench on --archive (600 training images a class by "
+                        "default; --recipe-samples-per-class 0 trains on all 4,410 a class, 7.35x as many)")
+    add_recipe_arguments(p)
     p.add_argument("--tiny", action="store_true", default=os.environ.get("BENCH_TINY") == "1",
                    help="one step of everything (harness smoke test; also BENCH_TINY=1)")
     args = p.parse_args(argv)
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         emit(tuning_overhead(n_trials=args.trials, epochs=1 if args.tiny else 3))
     if not args.skip_prune:
         emit(run_prune_bench(settings_from(args, args.archive, args.tiny)))
+    if not args.skip_recipe:
+        emit(run_recipe_bench(recipe_settings_from(args, args.archive, args.tiny)))
     emit({"bench": "total", "wall_s": round(time.perf_counter() - t_start, 1)})
 
 

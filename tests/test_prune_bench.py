@@ -46,7 +46,8 @@ def test_make_bench_emits_the_prune_record_unless_skipped(skip, tmp_path, monkey
 
     monkeypatch.setattr(benchmarks.overhead, "temporary_tracking_store", lambda: str(tmp_path))
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
-    argv = ["--tiny", "--skip-throughput", "--skip-overhead", "--archive", str(tmp_path / "absent.tar.gz")]
+    argv = ["--tiny", "--skip-throughput", "--skip-overhead", "--skip-recipe", "--archive",
+            str(tmp_path / "absent.tar.gz")]
     run.main(argv + ["--skip-prune"] * skip)
     benches = [r.get("bench") for r in _records(capsys)]
     assert benches == ["system", "total"] if skip else benches == ["system", "prune", "total"]
