@@ -190,14 +190,20 @@ def freeze(model: nn.Module, frozen_layers: int) -> None:
         for module in stage:
             for p in module.parameters():
                 p.requires_grad_(i >= frozen_layers)
-    for p in fixed_parameters(model):
-        p.requires_grad_(False)
+    hold_fixed(model)
 
 
 def fixed_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the net never trains, found from its structure each time (so pruned layers'
     new Parameters are found too); none for the nets without a fixed_parameters() method."""
     return list(model.fixed_parameters()) if hasattr(model, "fixed_parameters") else []
+
+
+def hold_fixed(model: nn.Module) -> None:
+    """Make the net's fixed parameters untrainable again: freeze() does, and fit() before building its
+    optimizer, since torch-pruning replaces the Parameters of the layers it prunes."""
+    for p in fixed_parameters(model):
+        p.requires_grad_(False)
 
 
 def norm_parameters(model: nn.Module) -> tuple[list[nn.Parameter], float]:

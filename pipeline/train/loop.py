@@ -41,7 +41,7 @@ from pipeline.distributed import (
 from pipeline.errors import PipelineError
 from pipeline.evaluate.metrics import summary_metrics
 from pipeline.model.device import autocast, predict_logits, resolve_amp_dtype, resolve_device
-from pipeline.model.models import fixed_parameters, set_train_mode
+from pipeline.model.models import hold_fixed, set_train_mode
 from pipeline.train.checkpoint import CheckpointSchedule, restore_state
 from pipeline.train.optim import create_ema, create_optimizer, create_scheduler, parameter_groups
 from pipeline.train.state import LoopState
@@ -174,8 +174,7 @@ def set_up(net: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, wor
             f"the training split has {len(train)} image(s); training on {world.size} process(es) "
             f"needs at least {world.size}"
         ))
-    for p in fixed_parameters(net):  # pruning may have made them anew, trainable
-        p.requires_grad_(False)
+    hold_fixed(net)  # pruning may have made them anew, trainable
     optimizer = create_optimizer(parameter_groups(net, cfg), cfg)
     scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
     ema = create_ema(net, cfg.ema)
