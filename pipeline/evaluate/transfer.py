@@ -141,7 +141,8 @@ def verdict(arms: Sequence[Arm], tests: PairedTests | None, *, target_images: in
         significant = min(tests.p_mcnemar, tests.p_f1_macro) < alpha
         paired = (f" On the same {tests.images:,} test images the paired tests give p = {tests.p_mcnemar:.3g} (exact "
                   f"McNemar, accuracy) and p = {tests.p_f1_macro:.3g} (paired bootstrap, macro-F1): "
-                  + ("a significant difference at the 5% level" if significant else "no difference at the 5% level")
+                  + (f"a significant difference at the {alpha:.0%} level" if significant
+                     else f"no difference at the {alpha:.0%} level")
                   + ". The best depth is picked on these same test images, out of "
                   f"{sum(a.frozen_depth is not None for a in arms)}, so the p-values flatter it somewhat.")
     if result == "beats":
