@@ -121,7 +121,7 @@ def find_finished_run(key: str, experiment_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _reuse_or_run(step: str, params: dict, upstream: dict, experiment_id: str, run: Callable[[dict], str], log,
+def reuse_or_run(step: str, params: dict, upstream: dict, experiment_id: str, run: Callable[[dict], str], log,
                   who: str = "main") -> str:
     key = cache_key(step, {k: v for k, v in params.items() if k not in NOT_IN_CACHE_KEY}, upstream)
     found = find_finished_run(key, experiment_id)
@@ -155,23 +155,23 @@ def run_chain(cfg: ChainConfig, log=print) -> dict[str, str]:
                              "frozen_layers": cfg.finetune.frozen_layers})
 
         prep_params = dataclasses.asdict(cfg.prepare)
-        ids["prepare_data"] = _reuse_or_run(
+        ids["prepare_data"] = reuse_or_run(
             "prepare_data", prep_params, {"source": source_fingerprint(cfg.prepare.source)}, exp,
             lambda tags: run_prepare(cfg.prepare, nested=True, tags=tags), log,
         )
         pre = dataclasses.replace(cfg.pretrain, data=ids["prepare_data"])
-        ids["pretrain"] = _reuse_or_run(
+        ids["pretrain"] = reuse_or_run(
             "pretrain", pre.to_params(), {"data": ids["prepare_data"]}, exp,
             lambda tags: run_train(pre, "pretrain", nested=True, tags=tags), log,
         )
         fin = dataclasses.replace(cfg.finetune, data=ids["prepare_data"], pretrained=ids["pretrain"])
-        ids["finetune"] = _reuse_or_run(
+        ids["finetune"] = reuse_or_run(
             "finetune", fin.to_params(), {"data": ids["prepare_data"], "pretrained": ids["pretrain"]}, exp,
             lambda tags: run_train(fin, "finetune", nested=True, tags=tags), log,
         )
         ev = EvaluateConfig(model=ids["finetune"], data=ids["prepare_data"], split=cfg.evaluate_split,
                             device=cfg.finetune.device)
-        ids["evaluate"] = _reuse_or_run(
+        ids["evaluate"] = reuse_or_run(
             "evaluate", dataclasses.asdict(ev), {"model": ids["finetune"], "data": ids["prepare_data"]}, exp,
             lambda tags: run_evaluate(ev, nested=True, tags=tags), log,
         )

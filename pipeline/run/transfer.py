@@ -34,7 +34,7 @@ from pipeline.evaluate.transfer import (
     scratch_arm,
     verdict,
 )
-from pipeline.run.chain import _reuse_or_run, source_fingerprint
+from pipeline.run.chain import reuse_or_run, source_fingerprint
 from pipeline.run.evaluation_run import run_evaluate
 from pipeline.run.runners import run_prepare, run_train
 from pipeline.track import tracking
@@ -67,7 +67,7 @@ def run_transfer(cfg: TransferConfig, log=print) -> TransferRuns:
         tracking.log_params(dataclasses.asdict(cfg))
 
         def step(step_name: str, params: dict, upstream: dict, run) -> str:
-            return _reuse_or_run(step_name, params, upstream, exp, run, log, who="transfer")
+            return reuse_or_run(step_name, params, upstream, exp, run, log, who="transfer")
 
         fingerprint = {"source": source_fingerprint(cfg.source)}
         src_cfg, tgt_cfg = cfg.source_prepare(), cfg.target_prepare()
